@@ -1,0 +1,126 @@
+"""Tensor <-> ``kdserve.v1.Tensor`` (raw little-endian row-major bytes, KServe v2 style).
+
+Encoding costs one copy into the message's bytes. Decoding wraps the received bytes with
+``numpy.frombuffer`` (zero copy); the only copy is the optional dequantisation of int8, or the
+move to a device. Decoded tensors share memory with the message: treat them as read-only.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from kdserve.targets import dequantize_int8, quantize_int8
+from kdserve.v1 import teacher_pb2 as pb
+
+# bfloat16 has no numpy dtype: it travels as its uint16 bit pattern and is re-viewed in torch.
+_NUMPY = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),
+    "int8": np.dtype("i1"),
+    "uint8": np.dtype("u1"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+}
+_TORCH = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
+_NAME = {v: k for k, v in _TORCH.items()}
+DTYPES = tuple(_NUMPY)
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "int8")
+
+assert sys.byteorder == "little", "kdserve's codec assumes a little-endian host"
+
+
+class CodecError(ValueError):
+    """A Tensor message that cannot be decoded (unknown dtype, data length != shape)."""
+
+
+def dtype_name(t: torch.dtype) -> str:
+    if t not in _NAME:
+        raise CodecError(f"dtype {t} cannot travel; use one of {', '.join(DTYPES)}")
+    return _NAME[t]
+
+
+def encode(t: torch.Tensor, scales: torch.Tensor | None = None) -> pb.Tensor:
+    """torch tensor -> Tensor message. ``scales``: per-row float32 scales of a quantised int8."""
+    t = t.detach()
+    name = dtype_name(t.dtype)
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.uint16) if hasattr(torch, "uint16") else t.view(torch.int16)
+    msg = pb.Tensor(dtype=name, shape=list(t.shape), data=t.numpy().tobytes())
+    if scales is not None:
+        msg.scales = scales.detach().float().cpu().contiguous().numpy().tobytes()
+    return msg
+
+
+def encode_target(t: torch.Tensor, dtype: str) -> pb.Tensor:
+    """Encode a float target in the requested wire dtype (int8: symmetric per-row scales)."""
+    if not t.is_floating_point():
+        return encode(t)
+    if dtype == "int8":
+        q, s = quantize_int8(t)
+        return encode(q, s)
+    return encode(t.to(_TORCH[dtype]))
+
+
+def nbytes(msg: pb.Tensor) -> int:
+    return len(msg.data) + len(msg.scales)
+
+
+def to_numpy(msg: pb.Tensor) -> np.ndarray:
+    """Zero-copy view of the message's bytes (bfloat16 comes back as its uint16 bits)."""
+    if msg.dtype not in _NUMPY:
+        raise CodecError(f"unknown dtype {msg.dtype!r}; expected one of {', '.join(DTYPES)}")
+    dt = _NUMPY[msg.dtype]
+    shape = tuple(int(d) for d in msg.shape)
+    if any(d < 0 for d in shape):
+        raise CodecError(f"negative dimension in shape {list(shape)}")
+    expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    if len(msg.data) != expected:
+        raise CodecError(
+            f"shape {list(shape)} of {msg.dtype} needs {expected} bytes, got {len(msg.data)}"
+        )
+    return np.frombuffer(msg.data, dtype=dt).reshape(shape)
+
+
+def decode(msg: pb.Tensor, dequantize: bool = True) -> torch.Tensor:
+    """Tensor message -> torch tensor sharing the message's memory.
+
+    int8 with scales is dequantised to float32 when ``dequantize`` (the one copy).
+    """
+    arr = to_numpy(msg)
+    with warnings.catch_warnings():
+        # The bytes are immutable; torch warns that the tensor is not writable. Targets are
+        # read-only by contract, and copying to silence it would double decode cost.
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(arr)
+    if msg.dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    if msg.scales and dequantize:
+        scales = np.frombuffer(msg.scales, dtype="<f4")
+        rows = int(np.prod(arr.shape[:-1], dtype=np.int64)) if arr.ndim else 1
+        if scales.size != rows:
+            raise CodecError(f"int8 tensor of shape {list(arr.shape)} needs {rows} scales, got {scales.size}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            s = torch.from_numpy(scales).reshape(arr.shape[:-1])
+        return dequantize_int8(t, s)
+    return t
+
+
+def decode_map(msgs: Mapping[str, pb.Tensor], dequantize: bool = True) -> dict[str, torch.Tensor]:
+    return {k: decode(v, dequantize) for k, v in msgs.items()}

@@ -1,0 +1,67 @@
+"""Client-side helpers of the protocol: channel options, request building, chunk merging."""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+from kdserve import codec
+from kdserve.v1 import teacher_pb2 as pb
+
+MAX_MESSAGE = 2**31 - 1
+# grpcio's client default of 4 MiB breaks at the first realistic reply (hidden states of a
+# ViT-B batch are ~10s of MB): raise both directions to what the protocol allows.
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+]
+
+
+def layers(module: str = "", layers: Iterable[int] = ()) -> pb.LayerSelection:
+    return pb.LayerSelection(module=module, layers=list(layers))
+
+
+def target_spec(
+    hidden: Mapping[str, Iterable[int]] | None = None,
+    hidden_reduction: str = "none",
+    attention: Mapping[str, Iterable[int]] | None = None,
+    attention_reduction: str = "none",
+    logits: bool = False,
+    logits_top_k: int = 0,
+    dtype: str = "float32",
+    data2vec_eps: float = 0.0,
+) -> pb.TargetSpec:
+    """``target_spec(hidden={"vision": [4, 8, 12]}, attention={"vision": [-1]}, dtype="float16")``."""
+    return pb.TargetSpec(
+        hidden=[layers(m, ls) for m, ls in (hidden or {}).items()],
+        hidden_reduction=hidden_reduction,
+        data2vec_eps=data2vec_eps,
+        attention=[layers(m, ls) for m, ls in (attention or {}).items()],
+        attention_reduction=attention_reduction,
+        logits=logits,
+        logits_top_k=logits_top_k,
+        dtype=dtype,
+    )
+
+
+def build_request(
+    inputs: Mapping[str, torch.Tensor],
+    spec: pb.TargetSpec,
+    experiment_id: str = "",
+    sample_keys: Iterable[str] = (),
+) -> pb.TargetsRequest:
+    return pb.TargetsRequest(
+        experiment_id=experiment_id,
+        inputs={k: codec.encode(v) for k, v in inputs.items()},
+        sample_keys=list(sample_keys),
+        spec=spec,
+    )
+
+
+def merge_chunks(chunks: Iterable[pb.TargetsReply], dequantize: bool = True) -> dict[str, torch.Tensor]:
+    """StreamTargets chunks -> the outputs GetTargets would have returned."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for c in sorted(chunks, key=lambda c: c.sample_offset):
+        for k, v in codec.decode_map(c.outputs, dequantize).items():
+            parts.setdefault(k, []).append(v)
+    return {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in parts.items()}

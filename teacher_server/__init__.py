@@ -1,0 +1,1 @@
+"""The teacher side of kdserve: one engine, thin gRPC / Ray Serve / Triton frontends over it."""

@@ -1,0 +1,116 @@
+"""``python -m teacher_server --model timm:beitv2_base_patch16_224 --port 9000``
+
+Starts (or joins) a local Ray cluster, deploys the teacher on Ray Serve with gRPC ingress, prints
+the address students should use, and serves until Ctrl-C. ``--backend grpc`` serves the same
+engine from a plain gRPC server without Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+
+from kdserve.config import ConfigError, apply_overrides, build, load
+from teacher_server.config import TeacherConfig
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m teacher_server", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML file of TeacherConfig fields (see teacher_server/config.py)")
+    p.add_argument("--model", help="timm:<name>, hf:<name or dir>, or minilm (default: minilm)")
+    p.add_argument("--random-init", action="store_true", help="build the architecture with random weights")
+    p.add_argument("--model-kwargs", help='JSON constructor/config overrides, e.g. \'{"depth": 4}\'')
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
+    p.add_argument("--port", type=int, default=9000, help="gRPC port (default 9000)")
+    p.add_argument("--http-port", type=int, default=8000, help="Ray Serve HTTP port (default 8000)")
+    p.add_argument("--host", default="0.0.0.0", help="interface to bind (default all)")
+    p.add_argument("--backend", choices=["serve", "grpc"], default="serve")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start or join local)")
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> TeacherConfig:
+    cfg = load(TeacherConfig, args.config, args.set) if args.config else None
+    data = cfg.model_dump() if cfg else apply_overrides({}, args.set)
+    if args.model:
+        data["model"] = args.model
+    if args.random_init:
+        data["pretrained"] = False
+    if args.model_kwargs:
+        try:
+            data["model_kwargs"] = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--model-kwargs is not JSON: {e}") from None
+    return build(TeacherConfig, data, "teacher config")
+
+
+def check_port_free(host: str, port: int, flag: str) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise ConfigError(f"port {port} on {host} is in use; pick another with {flag}") from None
+
+
+def _wait_for_ctrl_c() -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+
+
+def serve_forever(cfg: TeacherConfig, args: argparse.Namespace) -> None:
+    check_port_free(args.host, args.port, "--port")
+    if args.backend == "grpc":
+        from teacher_server.engine import TeacherEngine
+        from teacher_server.grpc_server import run_server
+
+        engine = TeacherEngine.from_config(cfg)
+        with run_server(engine, port=args.port, host=args.host) as port:
+            print(f"kdserve teacher {engine.model_name} (fingerprint {engine.fingerprint}) "
+                  f"on grpc://{socket.gethostname()}:{port} [plain gRPC]; Ctrl-C to stop", flush=True)
+            _wait_for_ctrl_c()
+        return
+
+    import ray
+    from ray import serve
+
+    from teacher_server.serve_app import deploy
+
+    check_port_free(args.host, args.http_port, "--http-port")
+    ray.init(address=args.ray_address, log_to_driver=False)
+    try:
+        deploy(cfg, grpc_port=args.port, http_port=args.http_port, host=args.host)
+        print(f"kdserve teacher {cfg.model} on grpc://{socket.gethostname()}:{args.port} "
+              f"(Ray Serve; metrics on Ray's Prometheus endpoint); Ctrl-C to stop", flush=True)
+        _wait_for_ctrl_c()
+    finally:
+        print("shutting down the teacher...", flush=True)
+        serve.shutdown()
+        ray.shutdown()
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    args = parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        serve_forever(cfg, args)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

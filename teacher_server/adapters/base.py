@@ -1,0 +1,93 @@
+"""What every teacher adapter provides to the engine: block outputs, true attention, logits."""
+from __future__ import annotations
+
+import abc
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from teacher_server.spec import InputInfo, ModuleInfo, SpecError
+
+
+@dataclass
+class Capture:
+    """One forward's raw targets, keyed by (module, 1-based layer)."""
+
+    hidden: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (B, T, D)
+    attention: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (B, H, T, T)
+    logits: torch.Tensor | None = None  # (B, C)
+
+
+class EarlyExit(Exception):
+    """Raised by a hook once the deepest needed block ran: later blocks would be wasted work."""
+
+
+class TeacherAdapter(abc.ABC):
+    """A loaded teacher model seen through kdserve's eyes."""
+
+    model: nn.Module
+    model_name: str
+    modules: list[ModuleInfo]
+    inputs: list[InputInfo]
+    num_classes: int = 0
+    preprocessing: dict
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        inputs: dict[str, torch.Tensor],
+        hidden: dict[str, set[int]],
+        attention: dict[str, set[int]],
+        logits: bool,
+    ) -> Capture:
+        """Run one batch and capture what was asked (layers are 1-based block indices)."""
+
+    def check_values(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Value checks the declared shapes cannot express (token ids in vocab...)."""
+
+    def token_mask(self, inputs: dict[str, torch.Tensor], module: str) -> torch.Tensor | None:
+        """(B, T) 1 for real tokens, or None when every token is real."""
+        return None
+
+    def to(self, device: torch.device) -> "TeacherAdapter":
+        self.model.to(device)
+        return self
+
+
+@contextlib.contextmanager
+def hooks(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture_output(store: dict, key, stop: bool = False):
+    """Forward hook storing a module's output (first element of a tuple output)."""
+
+    def hook(_module, _inputs, output):
+        store[key] = output[0] if isinstance(output, tuple) else output
+        if stop:
+            raise EarlyExit
+
+    return hook
+
+
+def check_token_ids(inputs: dict[str, torch.Tensor], vocab_size: int, max_len: int) -> None:
+    ids = inputs.get("input_ids")
+    if ids is None:
+        return
+    if ids.shape[1] > max_len:
+        raise SpecError(f"inputs['input_ids']: {ids.shape[1]} tokens, the teacher takes at most {max_len}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise SpecError(
+            f"inputs['input_ids']: token ids must lie in [0, {vocab_size}), got "
+            f"[{int(ids.min())}, {int(ids.max())}]; tokenize with the teacher's tokenizer"
+        )
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise SpecError("inputs['attention_mask']: values must be 0 or 1")

@@ -1,0 +1,41 @@
+"""The teacher service's configuration (YAML section ``teacher`` of a job, or a Serve app's args)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from kdserve.config import Strict
+
+
+class TeacherConfig(Strict):
+    model: str = Field(
+        "minilm",
+        description="<kind>:<name>. timm:<timm name> (ViT, DeiT, BEiT v2...), hf:<hub name, local dir, "
+        "or model type when pretrained=false>, minilm (the packaged all-MiniLM-L6-v2).",
+    )
+    pretrained: bool = Field(True, description="Load trained weights; false builds a random-init model.")
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra constructor arguments: timm.create_model kwargs, or HF config overrides.",
+    )
+    hf_task: Literal["", "image-classification", "sequence-classification"] = Field(
+        "", description="HF head to load: '' (bare encoder, no logits) or a classification head."
+    )
+    seed: int = Field(0, description="Seed for random-init weights (so every replica builds the same teacher).")
+    device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N.")
+    amp: Literal["none", "bf16", "fp16"] = Field("bf16", description="Autocast dtype on CUDA; ignored on CPU.")
+    max_batch_size: int = Field(64, ge=1, description="Most samples per request and per forward.")
+    max_batch_requests: int = Field(16, ge=1, description="Most requests merged into one server batch.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits for more requests.")
+    max_request_bytes: int = Field(256 << 20, ge=1, description="Larger requests get RESOURCE_EXHAUSTED.")
+    max_reply_bytes: int = Field(
+        1 << 30, ge=1, description="Larger GetTargets replies get RESOURCE_EXHAUSTED (use StreamTargets)."
+    )
+    stream_chunk_bytes: int = Field(32 << 20, ge=1, description="Target size of one StreamTargets chunk.")
+    num_replicas: int = Field(1, ge=1, description="Ray Serve replicas of the teacher.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions share a GPU).")
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Concurrent requests per replica; bounds the batches @serve.batch can form."
+    )

@@ -1,0 +1,174 @@
+"""Wire <-> engine: TargetsRequest -> Work, engine outputs -> TargetsReply (one or many chunks).
+
+Shared by the plain gRPC server and the Ray Serve deployment, so both validate identically and
+answer with the same status codes:
+  SpecError, CodecError -> INVALID_ARGUMENT; TooLarge -> RESOURCE_EXHAUSTED; anything else -> INTERNAL.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Iterator
+
+import grpc
+import torch
+
+from kdserve import codec
+from kdserve.v1 import teacher_pb2 as pb
+from teacher_server.config import TeacherConfig
+from teacher_server.engine import BatchStats, Quantized, TeacherEngine, Work
+from teacher_server.spec import SpecError, TargetSpec, TooLarge, resolve_spec, validate_inputs
+
+log = logging.getLogger("kdserve.teacher")
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, (SpecError, codec.CodecError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, TooLarge):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    log.exception("teacher failed on a request")
+    return grpc.StatusCode.INTERNAL, f"teacher error: {type(exc).__name__}: {exc}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+class TeacherService:
+    """The protocol's semantics over one engine; frontends add transport and batching."""
+
+    def __init__(self, engine: TeacherEngine, cfg: TeacherConfig | None = None):
+        self.engine = engine
+        self.cfg = cfg or engine.cfg
+
+    def describe(self) -> pb.TeacherInfo:
+        e = self.engine
+        return pb.TeacherInfo(
+            model_name=e.model_name,
+            fingerprint=e.fingerprint,
+            modules=[pb.ModuleInfo(**m.__dict__) for m in e.modules],
+            inputs=[
+                pb.InputInfo(name=i.name, dtype=i.dtype, shape=list(i.shape), required=i.required, doc=i.doc)
+                for i in e.inputs
+            ],
+            max_batch_size=self.cfg.max_batch_size,
+            num_classes=e.num_classes,
+            max_request_bytes=self.cfg.max_request_bytes,
+            max_reply_bytes=self.cfg.max_reply_bytes,
+            preprocessing=json.dumps(e.adapter.preprocessing, sort_keys=True),
+        )
+
+    def prepare(self, request: pb.TargetsRequest, stream: bool = False) -> Work:
+        """Validate and decode a request; raises SpecError / CodecError / TooLarge."""
+        size = request.ByteSize()
+        if size > self.cfg.max_request_bytes:
+            raise TooLarge(
+                f"request of {_mb(size)} is over the teacher's max_request_bytes ({_mb(self.cfg.max_request_bytes)}); "
+                "send fewer samples per request"
+            )
+        batch = validate_inputs(request.inputs, self.engine.inputs, self.cfg.max_batch_size)
+        if request.sample_keys and len(request.sample_keys) != batch:
+            raise SpecError(f"sample_keys: {len(request.sample_keys)} keys for {batch} samples")
+        spec = resolve_spec(request.spec, self.engine.modules, self.engine.num_classes)
+        inputs = {k: codec.decode(v) for k, v in request.inputs.items()}
+        if not stream:
+            est = self.estimate_reply_bytes(spec, inputs)
+            if est > self.cfg.max_reply_bytes:
+                raise TooLarge(
+                    f"reply would be {_mb(est)}, over max_reply_bytes ({_mb(self.cfg.max_reply_bytes)}): "
+                    "use StreamTargets, fewer samples or layers, a reduction (data2vec, head_mean) or dtype float16/int8"
+                )
+        work = Work(inputs, spec)
+        self.engine.check(work)
+        return work
+
+    def estimate_reply_bytes(self, spec: TargetSpec, inputs: dict[str, torch.Tensor]) -> int:
+        """Exact size of the outputs' data, known before any compute."""
+        b = next(iter(inputs.values())).shape[0]
+        mods = {m.name: m for m in self.engine.modules}
+        seq = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
+        item = _ITEMSIZE[spec.dtype]
+        row_extra = 4 if spec.dtype == "int8" else 0  # one float32 scale per row
+        total = 0
+        for module, layers in spec.hidden:
+            m = mods[module]
+            t = m.num_tokens if m.num_tokens > 0 else seq
+            n = 1 if spec.hidden_reduction == "data2vec" else len(layers)
+            total += n * b * t * (m.hidden_size * item + row_extra)
+        for module, layers in spec.attention:
+            m = mods[module]
+            t = m.num_tokens if m.num_tokens > 0 else seq
+            h = 1 if spec.attention_reduction == "head_mean" else m.num_heads
+            total += len(layers) * b * h * t * (t * item + row_extra)
+        if spec.logits:
+            k = spec.logits_top_k or self.engine.num_classes
+            total += b * (k * item + row_extra) + (b * k * 8 if spec.logits_top_k else 0)
+        return total
+
+    def _encode(self, outputs: dict, dtype: str, sl: slice | None = None) -> dict[str, pb.Tensor]:
+        enc = {}
+        for name, v in outputs.items():
+            if isinstance(v, Quantized):
+                q, s = (v.q, v.scales) if sl is None else (v.q[sl], v.scales[sl])
+                enc[name] = codec.encode(q, s)
+            else:
+                enc[name] = codec.encode(v if sl is None else v[sl])
+        return enc
+
+    def _timings(self, stats: BatchStats, queue_ms: float) -> pb.Timings:
+        return pb.Timings(
+            queue_ms=queue_ms,
+            compute_ms=stats.compute_ms,
+            batch_requests=stats.requests,
+            batch_samples=stats.samples,
+        )
+
+    def reply(self, request: pb.TargetsRequest, work: Work, outputs: dict, stats: BatchStats, queue_ms: float) -> pb.TargetsReply:
+        return pb.TargetsReply(
+            outputs=self._encode(outputs, work.spec.dtype),
+            fingerprint=self.engine.fingerprint,
+            timings=self._timings(stats, queue_ms),
+            sample_keys=list(request.sample_keys),
+            sample_offset=0,
+            num_chunks=1,
+        )
+
+    def chunks(
+        self, request: pb.TargetsRequest, work: Work, outputs: dict, stats: BatchStats, queue_ms: float
+    ) -> Iterator[pb.TargetsReply]:
+        """Split along the batch into chunks of about ``stream_chunk_bytes`` (at least one sample)."""
+        b = next(iter(work.inputs.values())).shape[0]
+        per_sample = max(1, sum(_nbytes(v) for v in outputs.values()) // b)
+        step = max(1, self.cfg.stream_chunk_bytes // per_sample)
+        starts = list(range(0, b, step))
+        keys = list(request.sample_keys)
+        for start in starts:
+            sl = slice(start, min(b, start + step))
+            yield pb.TargetsReply(
+                outputs=self._encode(outputs, work.spec.dtype, sl),
+                fingerprint=self.engine.fingerprint,
+                timings=self._timings(stats, queue_ms),
+                sample_keys=keys[sl],
+                sample_offset=start,
+                num_chunks=len(starts),
+            )
+
+
+def _nbytes(v) -> int:
+    if isinstance(v, Quantized):
+        return v.q.numel() + 4 * v.scales.numel()
+    return v.numel() * v.element_size()
+
+
+def reply_bytes(reply: pb.TargetsReply) -> int:
+    return sum(codec.nbytes(t) for t in reply.outputs.values())
+
+
+def reply_samples(reply: pb.TargetsReply) -> int:
+    """Samples in a reply or chunk (dim 0 of its outputs)."""
+    for t in reply.outputs.values():
+        return int(t.shape[0]) if t.shape else 0
+    return 0

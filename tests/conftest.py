@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random-init teachers, and ONE Ray cluster + Serve per test session."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+
+from teacher_server.config import TeacherConfig  # noqa: E402
+
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10)
+TINY_BEIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+
+
+def tiny_vit_config(**kw) -> TeacherConfig:
+    return TeacherConfig(model="timm:vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY_VIT, **kw)
+
+
+def tiny_beit_config(**kw) -> TeacherConfig:
+    return TeacherConfig(model="timm:beitv2_base_patch16_224", pretrained=False, model_kwargs=TINY_BEIT, **kw)
+
+
+def minilm_config(**kw) -> TeacherConfig:
+    return TeacherConfig(model="minilm", **kw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def vit_engine():
+    from teacher_server.engine import TeacherEngine
+
+    return TeacherEngine.from_config(tiny_vit_config())
+
+
+@pytest.fixture(scope="session")
+def minilm_engine():
+    from teacher_server.engine import TeacherEngine
+
+    return TeacherEngine.from_config(minilm_config())
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster shared by every cluster test (ray.init costs ~5 s here)."""
+    import ray
+
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_teachers(ray_cluster):
+    """Ray Serve with gRPC ingress and two teacher apps: a tiny ViT ("teacher", the default route)
+    and the packaged MiniLM ("minilm"). Returns {"port": ..., "vit": cfg, "minilm": cfg}."""
+    from ray import serve
+
+    from teacher_server.serve_app import build_app, grpc_options
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, grpc_options=grpc_options(port))
+    vit = tiny_vit_config(
+        num_cpus=0.5, max_batch_requests=8, batch_wait_timeout_s=0.05, max_batch_size=8,
+        max_request_bytes=1 << 20, stream_chunk_bytes=4096,
+    )
+    mini = minilm_config(num_cpus=0.5, max_batch_size=16)
+    serve.run(build_app(vit.model_dump()), name="teacher", route_prefix="/")
+    serve.run(build_app(mini.model_dump()), name="minilm", route_prefix="/minilm")
+    return {"port": port, "vit": vit, "minilm": mini}

@@ -1,0 +1,247 @@
+"""TeacherEngine against independent computations: manual forwards, naive attention, the
+Data2Vec formula written out, torch.topk, dtype tolerances, batching of mixed specs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from teacher_server.engine import Quantized, TeacherEngine, Work
+from teacher_server.spec import TargetSpec
+from tests.conftest import tiny_beit_config
+
+
+def _images(n, size=32, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _run(engine, inputs, **spec):
+    (out,), _ = engine.run([Work(inputs, TargetSpec(**spec))])
+    return out
+
+
+def _vit_manual_blocks(model, x):
+    """Block outputs of a timm ViT by hand: embed, then each block in turn."""
+    h = model.patch_embed(x)
+    h = model._pos_embed(h)
+    h = model.norm_pre(h)
+    outs = []
+    for blk in model.blocks:
+        h = blk(h)
+        outs.append(h)
+    return outs
+
+
+def _normalize(engine, x):
+    a = engine.adapter
+    return (x - a.mean) / a.std
+
+
+def test_hidden_states_equal_manual_forward_vit(vit_engine):
+    x = _images(2)
+    out = _run(vit_engine, {"pixel_values": x}, hidden=(("vision", (1, 2, 3)),))
+    with torch.no_grad():
+        ref = _vit_manual_blocks(vit_engine.adapter.model, _normalize(vit_engine, x))
+    for l in (1, 2, 3):
+        torch.testing.assert_close(out[f"hidden.vision.{l}"], ref[l - 1], rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_states_equal_manual_forward_beit():
+    engine = TeacherEngine.from_config(tiny_beit_config())
+    m = engine.adapter.model
+    x = _images(2, seed=3)
+    out = _run(engine, {"pixel_values": x}, hidden=(("vision", (1, 2)),), logits=True)
+    with torch.no_grad():
+        h = m.patch_embed(_normalize(engine, x))
+        h = torch.cat([m.cls_token.expand(h.shape[0], -1, -1), h], dim=1)
+        if m.pos_embed is not None:
+            h = h + m.pos_embed
+        rel = m.rel_pos_bias() if m.rel_pos_bias is not None else None
+        refs = []
+        for blk in m.blocks:
+            h = blk(h, shared_rel_pos_bias=rel)
+            refs.append(h)
+        logits = m.forward_head(m.norm(h))
+    for l in (1, 2):
+        torch.testing.assert_close(out[f"hidden.vision.{l}"], refs[l - 1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["logits"], logits, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_is_naive_softmax_vit(vit_engine):
+    """softmax(Q K^T / sqrt(d)) recomputed from the block's input with the block's own weights."""
+    x = _images(2, seed=1)
+    out = _run(vit_engine, {"pixel_values": x}, attention=(("vision", (1, 3)),), hidden=(("vision", (2,)),))
+    m = vit_engine.adapter.model
+    with torch.no_grad():
+        ins = [None] + _vit_manual_blocks(m, _normalize(vit_engine, x))  # input of block l = output of l-1
+        ins[0] = m.norm_pre(m._pos_embed(m.patch_embed(_normalize(vit_engine, x))))
+    for l in (1, 3):
+        attn = m.blocks[l - 1].attn
+        a = out[f"attention.vision.{l}"]  # (B, H, T, T)
+        torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            h = m.blocks[l - 1].norm1(ins[l - 1])  # (B, T, D)
+            B, T, D = h.shape
+            H = attn.num_heads
+            d = D // H
+            qkv = h @ attn.qkv.weight.T + attn.qkv.bias  # (B, T, 3D)
+            q = qkv[..., :D].reshape(B, T, H, d).transpose(1, 2)
+            k = qkv[..., D : 2 * D].reshape(B, T, H, d).transpose(1, 2)
+            scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+            naive = torch.exp(scores - scores.amax(-1, keepdim=True))
+            naive = naive / naive.sum(-1, keepdim=True)
+        torch.testing.assert_close(a, naive, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_is_naive_softmax_minilm(minilm_engine):
+    """MiniLM (BERT): attention of block l from hidden state l-1 and the layer's Q/K weights."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 5000, (2, 9), generator=g)
+    mask = torch.ones(2, 9, dtype=torch.int64)
+    mask[1, 6:] = 0
+    out = _run(minilm_engine, {"input_ids": ids, "attention_mask": mask},
+               hidden=(("text", (1, 2)),), attention=(("text", (2,)),))
+    model = minilm_engine.adapter.model
+    with torch.no_grad():
+        hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        sa = model.encoder.layer[1].attention.self
+        H = model.config.num_attention_heads
+        B, T, D = hs[1].shape
+        d = D // H
+        q = sa.query(hs[1]).view(B, T, H, d).transpose(1, 2)
+        k = sa.key(hs[1]).view(B, T, H, d).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+        scores = scores.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+        naive = scores.softmax(-1)
+    a = out["attention.text.2"]
+    torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a, naive, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["hidden.text.1"], hs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_asking_for_attention_does_not_change_outputs(vit_engine):
+    x = _images(3, seed=2)
+    plain = _run(vit_engine, {"pixel_values": x}, hidden=(("vision", (1, 2, 3)),), logits=True)
+    with_attn = _run(vit_engine, {"pixel_values": x}, hidden=(("vision", (1, 2, 3)),), logits=True,
+                     attention=(("vision", (1, 2, 3)),))
+    for k, v in plain.items():
+        torch.testing.assert_close(with_attn[k], v, rtol=1e-5, atol=1e-5)
+    # and the fused kernels are back on afterwards
+    assert all(b.attn.fused_attn == vit_engine.adapter.model.blocks[0].attn.fused_attn
+               for b in vit_engine.adapter.model.blocks)
+
+
+def _naive_data2vec(layers, eps):
+    """methods.md section 3 written out: per sample, per channel stats over tokens."""
+    B, T, D = layers[0].shape
+    avg = torch.zeros(B, T, D)
+    for h in layers:
+        for b in range(B):
+            for d in range(D):
+                col = h[b, :, d]
+                mu = col.sum() / T
+                var = ((col - mu) ** 2).sum() / T
+                avg[b, :, d] += (col - mu) / math.sqrt(var + eps)
+    avg /= len(layers)
+    y = torch.empty_like(avg)
+    for b in range(B):
+        for t in range(T):
+            row = avg[b, t]
+            mu = row.sum() / D
+            var = ((row - mu) ** 2).sum() / D
+            y[b, t] = (row - mu) / math.sqrt(var + eps)
+    return y
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-3])
+def test_data2vec_target_equals_naive_formula(vit_engine, eps):
+    x = _images(2, seed=4)
+    hid = _run(vit_engine, {"pixel_values": x}, hidden=(("vision", (1, 2, 3)),))
+    d2v = _run(vit_engine, {"pixel_values": x}, hidden=(("vision", (1, 2, 3)),),
+               hidden_reduction="data2vec", data2vec_eps=eps)
+    assert set(d2v) == {"data2vec.vision"}
+    naive = _naive_data2vec([hid[f"hidden.vision.{l}"] for l in (1, 2, 3)], eps)
+    torch.testing.assert_close(d2v["data2vec.vision"], naive, rtol=1e-4, atol=1e-4)
+
+
+def test_data2vec_ignores_padding(minilm_engine):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1000, 5000, (1, 7), generator=g)
+    short = _run(minilm_engine, {"input_ids": ids, "attention_mask": torch.ones(1, 7, dtype=torch.int64)},
+                 hidden=(("text", tuple(range(1, 7))),), hidden_reduction="data2vec")
+    padded_ids = torch.cat([ids, torch.zeros(1, 4, dtype=torch.int64)], dim=1)
+    mask = torch.cat([torch.ones(1, 7), torch.zeros(1, 4)], dim=1).long()
+    padded = _run(minilm_engine, {"input_ids": padded_ids, "attention_mask": mask},
+                  hidden=(("text", tuple(range(1, 7))),), hidden_reduction="data2vec")
+    torch.testing.assert_close(padded["data2vec.text"][:, :7], short["data2vec.text"], rtol=1e-4, atol=1e-4)
+
+
+def test_topk_equals_torch_topk(vit_engine):
+    x = _images(4, seed=6)
+    full = _run(vit_engine, {"pixel_values": x}, logits=True)["logits"]
+    top = _run(vit_engine, {"pixel_values": x}, logits=True, logits_top_k=3)
+    v, i = torch.topk(full, 3, dim=-1)
+    torch.testing.assert_close(top["logits_topk.values"], v)
+    assert torch.equal(top["logits_topk.indices"], i)
+    assert top["logits_topk.indices"].dtype == torch.int64
+
+
+def test_head_mean_is_mean_over_heads(vit_engine):
+    x = _images(2, seed=7)
+    per_head = _run(vit_engine, {"pixel_values": x}, attention=(("vision", (2,)),))["attention.vision.2"]
+    mean = _run(vit_engine, {"pixel_values": x}, attention=(("vision", (2,)),),
+                attention_reduction="head_mean")["attention.vision.2"]
+    H = per_head.shape[1]
+    torch.testing.assert_close(mean, sum(per_head[:, h] for h in range(H)) / H)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 2e-3), ("bfloat16", 1.6e-2)])
+def test_half_dtypes_within_tolerance(vit_engine, dtype, tol):
+    x = _images(2, seed=8)
+    ref = _run(vit_engine, {"pixel_values": x}, hidden=(("vision", (3,)),))["hidden.vision.3"]
+    half = _run(vit_engine, {"pixel_values": x}, hidden=(("vision", (3,)),), dtype=dtype)["hidden.vision.3"]
+    assert half.dtype == getattr(torch, dtype)
+    assert ((half.float() - ref).abs() <= tol * ref.abs() + tol).all()
+
+
+def test_int8_within_row_bound(vit_engine):
+    x = _images(2, seed=9)
+    ref = _run(vit_engine, {"pixel_values": x}, hidden=(("vision", (3,)),))["hidden.vision.3"]
+    q = _run(vit_engine, {"pixel_values": x}, hidden=(("vision", (3,)),), dtype="int8")["hidden.vision.3"]
+    assert isinstance(q, Quantized) and q.q.dtype == torch.int8
+    deq = q.q.float() * q.scales.unsqueeze(-1)
+    bound = ref.abs().amax(-1, keepdim=True) / 254
+    assert ((deq - ref).abs() <= bound + 1e-6).all()
+
+
+def test_mixed_specs_in_one_batch_equal_separate_runs(vit_engine):
+    x1, x2, x3 = _images(2, seed=10), _images(1, seed=11), _images(3, seed=12)
+    specs = [
+        TargetSpec(hidden=(("vision", (1,)),)),
+        TargetSpec(attention=(("vision", (3,)),), attention_reduction="head_mean", logits=True),
+        TargetSpec(hidden=(("vision", (2, 3)),), hidden_reduction="data2vec", dtype="float16"),
+    ]
+    works = [Work({"pixel_values": x}, s) for x, s in zip((x1, x2, x3), specs)]
+    together, stats = vit_engine.run(works)
+    assert stats.requests == 3 and stats.samples == 6
+    for w, got in zip(works, together):
+        (alone,), _ = vit_engine.run([Work(w.inputs, w.spec)])
+        assert set(got) == set(alone)
+        for k in got:
+            torch.testing.assert_close(got[k], alone[k], rtol=1e-4, atol=1e-4)
+
+
+def test_early_exit_gives_the_same_shallow_layer(vit_engine):
+    x = _images(2, seed=13)
+    shallow = _run(vit_engine, {"pixel_values": x}, hidden=(("vision", (1,)),))
+    full = _run(vit_engine, {"pixel_values": x}, hidden=(("vision", (1,)),), logits=True)
+    torch.testing.assert_close(shallow["hidden.vision.1"], full["hidden.vision.1"])
+
+
+def test_fingerprint_tracks_weights():
+    a = TeacherEngine.from_config(tiny_beit_config())
+    b = TeacherEngine.from_config(tiny_beit_config())
+    c = TeacherEngine.from_config(tiny_beit_config(seed=1))
+    assert a.fingerprint == b.fingerprint  # same seed, same weights
+    assert a.fingerprint != c.fingerprint

@@ -109,6 +109,11 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # e.g. Serve could not start the replica (weights not reachable...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: the teacher did not start: {first} (the Ray Serve replica log has the details)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

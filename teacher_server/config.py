@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from kdserve.config import Strict
 
@@ -39,3 +39,11 @@ class TeacherConfig(Strict):
     max_ongoing_requests: int = Field(
         64, ge=1, description="Concurrent requests per replica; bounds the batches @serve.batch can form."
     )
+
+    @field_validator("model")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        from teacher_server.engine import parse_model
+
+        parse_model(v)
+        return v

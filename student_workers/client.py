@@ -1,0 +1,562 @@
+"""Student-side client of the shared teacher: ``TeacherClient`` (asyncio) and ``SyncTeacherClient``.
+
+A student training asks the teacher for distillation targets once per step; the client hides the
+transport (gRPC today, Triton later: ``Transport``), and makes the failure modes of a shared,
+remote teacher explicit instead of silent:
+
+* transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) are retried with exponential backoff and
+  jitter, and the channel is rebuilt after UNAVAILABLE (the server may have been restarted);
+* every other status is the caller's mistake or a hard limit and raises ``TeacherError`` at once;
+* targets from two different teachers must never mix in one run: every reply's fingerprint is
+  checked against the first one seen (or a given one) and a change raises ``FingerprintMismatch``.
+
+Channels are created lazily inside the event loop and process that use them: a grpc.aio channel
+is bound to its loop, and no gRPC channel survives a fork.
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import concurrent.futures
+import os
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Awaitable, Callable, Iterable, Mapping, TypeVar
+from urllib.parse import urlsplit
+
+import grpc
+import torch
+
+from kdserve import codec, registry, wire
+from kdserve.v1 import teacher_pb2 as pb
+from kdserve.v1 import teacher_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+# Codes worth another attempt: the teacher may come back (restart, rolling update, overload).
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+# grpc shares subchannels between channels of a process by default: a "new" channel would inherit
+# the failed subchannel and its reconnect backoff (1 s, growing), so reconnecting after UNAVAILABLE
+# would not dial again. A per-channel pool makes a fresh channel really connect afresh.
+GRPC_OPTIONS = [*wire.CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+
+
+# -- errors ------------------------------------------------------------------------------------
+class TeacherError(RuntimeError):
+    """The teacher answered with a non-OK status (or its answer cannot be used).
+
+    ``code`` is a ``grpc.StatusCode`` (the vocabulary of every transport kdserve speaks);
+    ``details`` the server's message; ``address`` the teacher asked.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str, address: str = "", message: str | None = None):
+        self.code = code
+        self.details = details
+        self.address = address
+        super().__init__(message or f"teacher at {address or '?'} answered {code.name}: {details}")
+
+
+class TeacherUnavailable(TeacherError):
+    """Retries on UNAVAILABLE / DEADLINE_EXCEEDED are exhausted: the teacher is not answering."""
+
+
+class FingerprintMismatch(TeacherError):
+    """A reply came from a different teacher (weights or preprocessing) than the run started with."""
+
+    def __init__(self, address: str, expected: str, got: str):
+        self.expected = expected
+        self.got = got
+        super().__init__(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"fingerprint {got!r}, expected {expected!r}",
+            address,
+            message=(
+                f"teacher at {address} now has fingerprint {got!r} but this run uses {expected!r}: "
+                "the teacher's weights or preprocessing changed; targets from two teachers must never "
+                "mix in one run (restart the run, or point it at the original teacher)"
+            ),
+        )
+
+
+# -- transports --------------------------------------------------------------------------------
+class Transport(abc.ABC):
+    """How requests reach a teacher. Raises ``TeacherError`` (with a grpc.StatusCode) on failure.
+
+    The retry policy, fingerprint checks, decoding and stats live in ``TeacherClient`` so every
+    transport behaves the same; a transport only moves messages.
+    """
+
+    address: str
+
+    @abc.abstractmethod
+    async def describe(self, timeout: float) -> pb.TeacherInfo:
+        """The teacher's Describe answer."""
+
+    @abc.abstractmethod
+    async def get_targets(self, request: pb.TargetsRequest, timeout: float) -> pb.TargetsReply:
+        """One reply with every sample's targets."""
+
+    @abc.abstractmethod
+    async def stream_targets(self, request: pb.TargetsRequest, timeout: float) -> list[pb.TargetsReply]:
+        """Every chunk of a streamed answer (the deadline covers the whole stream)."""
+
+    async def close(self) -> None:
+        """Release connections; the transport may be used again afterwards (it reconnects)."""
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """``scheme://rest`` -> (scheme, rest); a bare ``host:port`` is gRPC."""
+    if "://" not in address:
+        return "grpc", address
+    scheme, _, rest = address.partition("://")
+    return scheme.lower(), rest
+
+
+def make_transport(address: str, **kwargs: Any) -> Transport:
+    """The transport registered for the address's scheme (``register("transport", <scheme>)``)."""
+    scheme, _ = split_address(address)
+    try:
+        cls = registry.get("transport", scheme)
+    except KeyError:
+        known = ", ".join(f"{s}://" for s in registry.names("transport"))
+        raise ValueError(
+            f"teacher address {address!r}: scheme {scheme!r} is not supported by this transport; "
+            f"supported schemes: {known} (e.g. grpc://host:50051 or grpc://host:9000/<serve app>)"
+        ) from None
+    return cls.from_address(address, **kwargs)
+
+
+@registry.register("transport", "grpc")
+class GrpcTransport(Transport):
+    """TeacherService over grpc.aio; ``grpc://host:port/<app>`` routes to a Ray Serve application."""
+
+    def __init__(self, target: str, application: str = "", address: str | None = None,
+                 options: Iterable[tuple[str, Any]] = GRPC_OPTIONS):
+        self.target = target
+        self.application = application
+        self.address = address or f"grpc://{target}" + (f"/{application}" if application else "")
+        self.options = list(options)
+        # Ray Serve's gRPC proxy picks the application from this metadata key.
+        self.metadata: tuple[tuple[str, str], ...] = (("application", application),) if application else ()
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.TeacherServiceStub | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid = 0
+        self._closing: set[asyncio.Task] = set()
+
+    @classmethod
+    def from_address(cls, address: str, **kwargs: Any) -> "GrpcTransport":
+        scheme, rest = split_address(address)
+        if scheme != "grpc":
+            raise ValueError(f"GrpcTransport cannot serve {address!r} (scheme {scheme!r})")
+        parts = urlsplit(f"grpc://{rest}")
+        try:
+            port = parts.port
+        except ValueError as e:
+            raise ValueError(f"teacher address {address!r}: bad port ({e})") from None
+        if not parts.hostname or port is None:
+            raise ValueError(f"teacher address {address!r} needs a host and a port: grpc://host:port[/app]")
+        if parts.query or parts.fragment:
+            raise ValueError(f"teacher address {address!r}: query strings and fragments are not supported")
+        app = parts.path.strip("/")
+        if "/" in app:
+            raise ValueError(f"teacher address {address!r}: the path must be one Serve application name")
+        return cls(parts.netloc, app, address=f"grpc://{rest}", **kwargs)
+
+    def _stub_here(self) -> tuple[grpc.aio.Channel, pb_grpc.TeacherServiceStub]:
+        """The channel of this loop and process, created on first use (never shared across them)."""
+        loop = asyncio.get_running_loop()
+        if self._channel is None or self._loop is not loop or self._pid != os.getpid():
+            # A channel of another loop or of the parent process cannot be used (nor closed) here.
+            self._channel = grpc.aio.insecure_channel(self.target, options=self.options)
+            self._stub = pb_grpc.TeacherServiceStub(self._channel)
+            self._loop, self._pid = loop, os.getpid()
+        return self._channel, self._stub  # type: ignore[return-value]
+
+    def _reconnect(self, failed: grpc.aio.Channel) -> None:
+        """Drop the channel that answered UNAVAILABLE; the next call dials afresh.
+
+        Only the channel the failing call used is dropped (concurrent calls may have replaced it
+        already), and it is closed with a grace period so other calls on it can finish.
+        """
+        if self._channel is not failed:
+            return
+        self._channel = self._stub = None
+        task = asyncio.ensure_future(failed.close(grace=1.0))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _call(self, fn: Callable[[pb_grpc.TeacherServiceStub], Awaitable[T]]) -> T:
+        channel, stub = self._stub_here()
+        try:
+            return await fn(stub)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                self._reconnect(channel)
+            raise TeacherError(e.code(), e.details() or "", self.address) from None
+
+    async def describe(self, timeout: float) -> pb.TeacherInfo:
+        return await self._call(
+            lambda s: s.Describe(pb.DescribeRequest(), timeout=timeout, metadata=self.metadata)
+        )
+
+    async def get_targets(self, request: pb.TargetsRequest, timeout: float) -> pb.TargetsReply:
+        return await self._call(lambda s: s.GetTargets(request, timeout=timeout, metadata=self.metadata))
+
+    async def stream_targets(self, request: pb.TargetsRequest, timeout: float) -> list[pb.TargetsReply]:
+        async def collect(s: pb_grpc.TeacherServiceStub) -> list[pb.TargetsReply]:
+            return [c async for c in s.StreamTargets(request, timeout=timeout, metadata=self.metadata)]
+
+        return await self._call(collect)
+
+    async def close(self) -> None:
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None and self._loop is asyncio.get_running_loop() and self._pid == os.getpid():
+            await channel.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+# -- the client --------------------------------------------------------------------------------
+@dataclass
+class ClientStats:
+    """Counters for the progress line: how much the run depends on (and waits for) the teacher."""
+
+    requests: int = 0  # target requests answered
+    samples: int = 0
+    bytes_received: int = 0  # tensor payload (data + scales)
+    wait_s: float = 0.0  # wall time inside get_targets, retries and backoff included
+    retries: int = 0
+    streamed: int = 0  # requests answered with StreamTargets
+    chunks: int = 0
+    teacher_queue_ms: float = 0.0  # as reported by the teacher (Timings)
+    teacher_compute_ms: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    def line(self) -> str:
+        mb = self.bytes_received / 2**20
+        per = self.wait_s / self.requests if self.requests else 0.0
+        return (f"teacher: {self.requests} req, {mb:.1f} MiB, wait {self.wait_s:.2f} s "
+                f"({per * 1e3:.1f} ms/req), {self.retries} retries")
+
+
+def _reply_bytes(reply: pb.TargetsReply) -> int:
+    return sum(codec.nbytes(t) for t in reply.outputs.values())
+
+
+def _n_layers(sel: pb.LayerSelection, num_layers: int, all_if_empty: bool) -> int:
+    if not sel.layers:
+        return num_layers if all_if_empty else 0
+    return len({l + num_layers + 1 if l < 0 else l for l in sel.layers})
+
+
+def estimate_reply_bytes(info: pb.TeacherInfo, inputs: Mapping[str, torch.Tensor], spec: pb.TargetSpec) -> int:
+    """Bytes of the targets ``spec`` asks for, from Describe alone (mirrors the server's estimate).
+
+    Used to pick StreamTargets before a unary reply would exceed ``max_reply_bytes``.
+    """
+    b = int(next(iter(inputs.values())).shape[0])
+    seq = int(inputs["input_ids"].shape[1]) if "input_ids" in inputs else 0
+    mods = {m.name: m for m in info.modules}
+    default = info.modules[0].name if info.modules else ""
+    dtype = spec.dtype or "float32"
+    item, row_extra = _ITEMSIZE.get(dtype, 4), (4 if dtype == "int8" else 0)
+    total = 0
+    for sel in spec.hidden:
+        m = mods.get(sel.module or default)
+        if m is None:
+            continue  # the server will refuse it with a clear INVALID_ARGUMENT
+        t = m.num_tokens if m.num_tokens > 0 else seq
+        d2v = spec.hidden_reduction == "data2vec"
+        n = 1 if d2v else _n_layers(sel, m.num_layers, False)
+        total += n * b * t * (m.hidden_size * item + row_extra)
+    for sel in spec.attention:
+        m = mods.get(sel.module or default)
+        if m is None:
+            continue
+        t = m.num_tokens if m.num_tokens > 0 else seq
+        h = 1 if spec.attention_reduction == "head_mean" else m.num_heads
+        total += _n_layers(sel, m.num_layers, False) * b * h * t * (t * item + row_extra)
+    if spec.logits:
+        k = spec.logits_top_k or info.num_classes
+        total += b * (k * item + row_extra) + (b * k * 8 if spec.logits_top_k else 0)
+    return total
+
+
+class TeacherClient:
+    """Async client of one teacher. Create it anywhere; it connects on first use in its loop.
+
+    ``timeout``: deadline of one attempt (seconds). ``max_retries``: extra attempts after
+    UNAVAILABLE / DEADLINE_EXCEEDED, waiting ``backoff_s * 2**i`` (capped by ``max_backoff_s``,
+    times a random factor in [0.5, 1]) between them. ``stream``: None picks StreamTargets only
+    when the reply would exceed the teacher's ``max_reply_bytes``.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        experiment_id: str = "",
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 10.0,
+        expected_fingerprint: str | None = None,
+        stream: bool | None = None,
+        dequantize: bool = True,
+        transport: Transport | None = None,
+        seed: int | None = None,
+    ):
+        if timeout <= 0 or max_retries < 0 or backoff_s < 0:
+            raise ValueError("timeout must be > 0, max_retries and backoff_s >= 0")
+        self.transport = transport or make_transport(address)
+        self.address = self.transport.address
+        self.experiment_id = experiment_id
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
+        self.expected_fingerprint = expected_fingerprint
+        self.stream = stream
+        self.dequantize = dequantize
+        self.stats = ClientStats()
+        self._info: pb.TeacherInfo | None = None
+        self._rng = random.Random(seed)
+
+    # -- policy ----------------------------------------------------------------------------
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before retry ``attempt`` (0-based): exponential, capped, jittered."""
+        base = min(self.max_backoff_s, self.backoff_s * 2**attempt)
+        return base * self._rng.uniform(0.5, 1.0)
+
+    def max_call_s(self) -> float:
+        """Upper bound of one call's wall time, retries included (for outer watchdogs)."""
+        sleeps = sum(min(self.max_backoff_s, self.backoff_s * 2**i) for i in range(self.max_retries))
+        return (self.max_retries + 1) * self.timeout + sleeps
+
+    async def _with_retries(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        for attempt in range(self.max_retries + 1):
+            try:
+                return await fn()
+            except TeacherError as e:
+                if e.code not in RETRYABLE or isinstance(e, (FingerprintMismatch, TeacherUnavailable)):
+                    raise
+                if attempt == self.max_retries:
+                    raise self._unavailable(what, attempt + 1, e) from e
+                self.stats.retries += 1
+                await asyncio.sleep(self.backoff(attempt))
+        raise AssertionError("unreachable")
+
+    def _unavailable(self, what: str, attempts: int, last: TeacherError) -> TeacherUnavailable:
+        return TeacherUnavailable(
+            last.code,
+            last.details,
+            self.address,
+            message=(
+                f"teacher at {self.address} did not answer {what} after {attempts} attempts "
+                f"(last: {last.code.name}: {last.details}); check that the teacher server is running "
+                "and reachable from this machine (host, port, firewall, Serve application name), "
+                f"or raise timeout ({self.timeout:g} s) / max_retries ({self.max_retries})"
+            ),
+        )
+
+    def _check_fingerprint(self, got: str) -> None:
+        if self.expected_fingerprint is None:
+            self.expected_fingerprint = got  # the first answer fixes the teacher of this run
+        elif got != self.expected_fingerprint:
+            raise FingerprintMismatch(self.address, self.expected_fingerprint, got)
+
+    # -- API -------------------------------------------------------------------------------
+    async def describe(self, refresh: bool = False) -> pb.TeacherInfo:
+        """What the teacher is (cached); checks its fingerprint."""
+        if self._info is None or refresh:
+            info = await self._with_retries("Describe", lambda: self.transport.describe(self.timeout))
+            self._check_fingerprint(info.fingerprint)
+            self._info = info
+        return self._info
+
+    async def _use_stream(self, inputs: Mapping[str, torch.Tensor], spec: pb.TargetSpec, stream: bool | None) -> bool:
+        stream = self.stream if stream is None else stream
+        if stream is not None:
+            return stream
+        info = await self.describe()
+        return bool(info.max_reply_bytes) and estimate_reply_bytes(info, inputs, spec) > info.max_reply_bytes
+
+    async def get_targets(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        spec: pb.TargetSpec,
+        sample_keys: Iterable[str] = (),
+        stream: bool | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Targets for one batch: name -> tensor (batch dim 0), int8 dequantised to float32.
+
+        Decoded tensors share memory with the received bytes: treat them as read-only.
+        """
+        t0 = time.perf_counter()
+        try:
+            use_stream = await self._use_stream(inputs, spec, stream)
+            request = wire.build_request(inputs, spec, self.experiment_id, sample_keys)
+            if use_stream:
+                chunks = await self._with_retries(
+                    "StreamTargets", lambda: self.transport.stream_targets(request, self.timeout)
+                )
+            else:
+                chunks = [await self._with_retries(
+                    "GetTargets", lambda: self.transport.get_targets(request, self.timeout)
+                )]
+            out = self._accept(request, chunks)
+        finally:
+            self.stats.wait_s += time.perf_counter() - t0
+        self.stats.streamed += int(use_stream)
+        return out
+
+    def _accept(self, request: pb.TargetsRequest, chunks: list[pb.TargetsReply]) -> dict[str, torch.Tensor]:
+        """Check a complete answer (fingerprint, chunk count, sample keys), count it, decode it."""
+        if not chunks:
+            raise TeacherError(grpc.StatusCode.DATA_LOSS, "empty answer (no reply chunk)", self.address)
+        for c in chunks:
+            self._check_fingerprint(c.fingerprint)
+        if len(chunks) != max(1, chunks[0].num_chunks):
+            raise TeacherError(
+                grpc.StatusCode.DATA_LOSS,
+                f"stream ended after {len(chunks)} of {chunks[0].num_chunks} chunks",
+                self.address,
+            )
+        chunks = sorted(chunks, key=lambda c: c.sample_offset)
+        if request.sample_keys:
+            keys = [k for c in chunks for k in c.sample_keys]
+            if keys != list(request.sample_keys):
+                raise TeacherError(grpc.StatusCode.DATA_LOSS, "reply sample_keys differ from the request's", self.address)
+        out = wire.merge_chunks(chunks, self.dequantize) if len(chunks) > 1 else codec.decode_map(
+            chunks[0].outputs, self.dequantize
+        )
+        st = self.stats
+        st.requests += 1
+        st.chunks += len(chunks)
+        st.bytes_received += sum(_reply_bytes(c) for c in chunks)
+        st.samples += int(next(iter(request.inputs.values())).shape[0]) if request.inputs else 0
+        st.teacher_queue_ms += chunks[0].timings.queue_ms
+        st.teacher_compute_ms += chunks[0].timings.compute_ms
+        return out
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    async def __aenter__(self) -> "TeacherClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def connect(address: str, **kwargs: Any) -> TeacherClient:
+    """``connect("grpc://teacher:50051", experiment_id="run-7")``: a client for the address's scheme."""
+    return TeacherClient(address, **kwargs)
+
+
+# -- synchronous facade ------------------------------------------------------------------------
+class SyncTeacherClient:
+    """``TeacherClient`` for plain (non-async) training code.
+
+    A private event loop runs in a daemon thread, started on first use in the calling process
+    (after a fork the child starts its own). ``submit`` returns a ``concurrent.futures.Future``
+    so a training loop can keep requests in flight (see ``student_workers.prefetch``).
+    """
+
+    def __init__(self, address: str, **kwargs: Any):
+        self.client = TeacherClient(address, **kwargs)
+        self.address = self.client.address
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    @property
+    def stats(self) -> ClientStats:
+        return self.client.stats
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="kdserve-teacher-client", daemon=True)
+                thread.start()
+                self._loop, self._thread, self._pid = loop, thread, os.getpid()
+            return self._loop
+
+    def _run(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self._ensure_loop())  # type: ignore[arg-type]
+
+    def _wait(self, fut: concurrent.futures.Future[T]) -> T:
+        # The client's own deadlines bound the call; the slack guards against a dead loop thread.
+        try:
+            return fut.result(timeout=self.client.max_call_s() + 30.0)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TimeoutError(f"no answer from teacher at {self.address} within {self.client.max_call_s() + 30:.0f} s") from None
+
+    def describe(self, refresh: bool = False) -> pb.TeacherInfo:
+        return self._wait(self._run(self.client.describe(refresh)))
+
+    def submit(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        spec: pb.TargetSpec,
+        sample_keys: Iterable[str] = (),
+        stream: bool | None = None,
+    ) -> concurrent.futures.Future[dict[str, torch.Tensor]]:
+        """Start a request now; the Future resolves to the targets (or raises TeacherError)."""
+        return self._run(self.client.get_targets(inputs, spec, sample_keys, stream))
+
+    def get_targets(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        spec: pb.TargetSpec,
+        sample_keys: Iterable[str] = (),
+        stream: bool | None = None,
+    ) -> dict[str, torch.Tensor]:
+        return self._wait(self.submit(inputs, spec, sample_keys, stream))
+
+    def close(self) -> None:
+        """Close the channel, stop the loop and join its thread (idempotent)."""
+        with self._lock:
+            loop, thread, pid = self._loop, self._thread, self._pid
+            self._loop = self._thread = None
+        if loop is None or pid != os.getpid():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.client.close(), loop).result(timeout=10)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            if thread is not None:
+                thread.join(timeout=10)
+            if not loop.is_running():
+                loop.close()
+
+    def __enter__(self) -> "SyncTeacherClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = [
+    "ClientStats",
+    "FingerprintMismatch",
+    "GrpcTransport",
+    "SyncTeacherClient",
+    "TeacherClient",
+    "TeacherError",
+    "TeacherUnavailable",
+    "Transport",
+    "connect",
+    "estimate_reply_bytes",
+    "make_transport",
+    "split_address",
+]

@@ -1,0 +1,300 @@
+"""TeacherClient over real gRPC on loopback: targets equal the engine's own, failure modes are loud.
+
+Every server here is a real ``grpc.server`` (``teacher_server.grpc_server``); expected targets are
+computed by calling the engine directly in the test, not through the client.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from concurrent import futures
+from typing import Iterator
+
+import grpc
+import pytest
+import torch
+
+from kdserve import wire
+from kdserve.v1 import teacher_pb2 as pb
+from kdserve.v1 import teacher_pb2_grpc as pb_grpc
+from student_workers.client import (
+    FingerprintMismatch,
+    GrpcTransport,
+    SyncTeacherClient,
+    TeacherClient,
+    TeacherError,
+    TeacherUnavailable,
+    connect,
+    estimate_reply_bytes,
+)
+from teacher_server.engine import Quantized, TeacherEngine, Work
+from teacher_server.grpc_server import SERVER_OPTIONS, Servicer, run_server
+from teacher_server.spec import resolve_spec
+from tests.conftest import free_port, tiny_vit_config
+
+FAST = dict(timeout=5.0, max_retries=2, backoff_s=0.01, max_backoff_s=0.05, seed=0)
+
+
+def images(b: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.rand(b, 3, 32, 32, generator=torch.Generator().manual_seed(seed))  # (B, 3, H, W)
+
+
+def direct(engine: TeacherEngine, inputs: dict[str, torch.Tensor], spec: pb.TargetSpec) -> dict[str, torch.Tensor]:
+    """The engine's answer without any transport (int8 dequantised like the client does)."""
+    (out,), _ = engine.run([Work(inputs, resolve_spec(spec, engine.modules, engine.num_classes))])
+    return {k: v.q.float() * v.scales.unsqueeze(-1) if isinstance(v, Quantized) else v for k, v in out.items()}
+
+
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        assert torch.equal(got[k], want[k]), k
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def vit_port(vit_engine) -> Iterator[int]:
+    with run_server(vit_engine) as port:
+        yield port
+
+
+SPEC = wire.target_spec(hidden={"vision": [1, -1]}, attention={"vision": [2]}, logits=True)
+
+
+def test_describe(vit_engine, vit_port):
+    async def go():
+        async with TeacherClient(f"grpc://127.0.0.1:{vit_port}", **FAST) as c:
+            info = await c.describe()
+            assert await c.describe() is info  # cached
+            return info, c.expected_fingerprint
+
+    info, fp = run(go())
+    assert info.fingerprint == vit_engine.fingerprint == fp
+    assert info.model_name == vit_engine.model_name
+    assert [m.name for m in info.modules] == ["vision"]
+    assert list(info.inputs[0].shape) == [-1, 3, 32, 32]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_get_targets_equal_engine(vit_engine, vit_port, dtype):
+    spec = wire.target_spec(hidden={"vision": [1, -1]}, attention={"vision": [2]}, logits=True, dtype=dtype)
+    x = images(4, seed=1)
+
+    async def go():
+        async with TeacherClient(f"127.0.0.1:{vit_port}", experiment_id="t", **FAST) as c:
+            out = await c.get_targets({"pixel_values": x}, spec, sample_keys=[f"s{i}" for i in range(4)])
+            return out, c.stats
+
+    out, stats = run(go())
+    assert sorted(out) == ["attention.vision.2", "hidden.vision.1", "hidden.vision.3", "logits"]
+    assert out["hidden.vision.3"].shape == (4, 17, 32)  # (B, T, D)
+    assert out["attention.vision.2"].shape == (4, 2, 17, 17)  # (B, H, T, T)
+    assert_same(out, direct(vit_engine, {"pixel_values": x}, spec))
+    assert stats.requests == 1 and stats.retries == 0 and stats.samples == 4
+    assert stats.bytes_received > 0 and stats.wait_s > 0
+
+
+def test_minilm_targets(minilm_engine):
+    ids = torch.randint(1000, 2000, (3, 9), generator=torch.Generator().manual_seed(2))  # (B, T)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    spec = wire.target_spec(hidden={"text": [2, 6]}, hidden_reduction="data2vec")
+    with run_server(minilm_engine) as port, SyncTeacherClient(f"grpc://127.0.0.1:{port}", **FAST) as c:
+        out = c.get_targets(inputs, spec)
+    assert out["data2vec.text"].shape == (3, 9, 384)  # (B, T, D)
+    assert_same(out, direct(minilm_engine, inputs, spec))
+
+
+@pytest.fixture(scope="module")
+def chunky_port() -> Iterator[int]:
+    """The same tiny ViT with small reply limits: streams split into several chunks."""
+    engine = TeacherEngine.from_config(tiny_vit_config(stream_chunk_bytes=4096, max_reply_bytes=20_000))
+    with run_server(engine) as port:
+        yield port
+
+
+def test_stream_equals_unary(vit_engine, vit_port, chunky_port):
+    x = images(6, seed=3)
+    spec = wire.target_spec(hidden={"vision": [1, 2, 3]}, logits=True)
+
+    async def go():
+        async with TeacherClient(f"grpc://127.0.0.1:{vit_port}", **FAST) as unary, \
+                TeacherClient(f"grpc://127.0.0.1:{chunky_port}", stream=True, **FAST) as streamed:
+            a = await unary.get_targets({"pixel_values": x}, spec, stream=False)
+            b = await streamed.get_targets({"pixel_values": x}, spec, sample_keys=list("abcdef"))
+            return a, b, streamed.stats
+
+    a, b, st = run(go())
+    assert st.streamed == 1 and st.chunks > 1  # really split: 6 samples x 3 layers x 2 KiB > 4 KiB
+    assert_same(b, a)
+    assert_same(a, direct(vit_engine, {"pixel_values": x}, spec))
+
+
+def test_auto_stream_above_max_reply_bytes(chunky_port):
+    """Above the teacher's max_reply_bytes the client streams by itself; forced unary is refused."""
+    x = images(8, seed=4)
+    spec = wire.target_spec(hidden={"vision": [1, 2, 3]})
+
+    async def go():
+        async with TeacherClient(f"grpc://127.0.0.1:{chunky_port}", **FAST) as c:
+            info = await c.describe()
+            assert estimate_reply_bytes(info, {"pixel_values": x}, spec) == 3 * 8 * 17 * 32 * 4 > info.max_reply_bytes
+            out = await c.get_targets({"pixel_values": x}, spec)
+            assert c.stats.streamed == 1
+            with pytest.raises(TeacherError) as err:
+                await c.get_targets({"pixel_values": x}, spec, stream=False)
+            return out, err.value, c.stats.retries
+
+    out, err, retries = run(go())
+    assert out["hidden.vision.3"].shape == (8, 17, 32)
+    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and retries == 0
+
+
+def test_invalid_argument_raises_at_once(vit_port):
+    bad = wire.target_spec(hidden={"vision": [99]})
+    addr = f"grpc://127.0.0.1:{vit_port}"
+
+    async def go():
+        async with TeacherClient(addr, timeout=5.0, max_retries=5, backoff_s=1.0) as c:
+            t0 = time.perf_counter()
+            with pytest.raises(TeacherError) as err:
+                await c.get_targets({"pixel_values": images(2)}, bad)
+            return err.value, c.stats, time.perf_counter() - t0
+
+    err, stats, dt = run(go())
+    assert not isinstance(err, TeacherUnavailable)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert str(err).startswith(f"teacher at {addr} answered INVALID_ARGUMENT: ")
+    assert "layer 99 is out of range" in str(err) and "\n" not in str(err)
+    assert stats.retries == 0 and dt < 1.0  # a 1 s backoff would show
+
+
+def test_unreachable_raises_unavailable_bounded():
+    port = free_port()  # nothing listens here
+    c = SyncTeacherClient(f"grpc://127.0.0.1:{port}", timeout=1.0, max_retries=3, backoff_s=0.02, max_backoff_s=0.05)
+    t0 = time.perf_counter()
+    with pytest.raises(TeacherUnavailable) as err:
+        c.get_targets({"pixel_values": images(1)}, SPEC)
+    dt = time.perf_counter() - t0
+    c.close()
+    assert dt < 10.0
+    assert c.stats.retries == 3
+    msg = str(err.value)
+    assert f"grpc://127.0.0.1:{port}" in msg and "after 4 attempts" in msg and "check that the teacher" in msg
+
+
+def test_expected_fingerprint_mismatch(vit_engine, vit_port):
+    async def go():
+        async with TeacherClient(f"grpc://127.0.0.1:{vit_port}", expected_fingerprint="deadbeef", **FAST) as c:
+            with pytest.raises(FingerprintMismatch) as e1:
+                await c.describe()
+            with pytest.raises(FingerprintMismatch):
+                await c.get_targets({"pixel_values": images(2)}, SPEC, stream=False)
+            return e1.value, c.stats
+
+    err, stats = run(go())
+    assert err.expected == "deadbeef" and err.got == vit_engine.fingerprint
+    assert "must never" in str(err) and isinstance(err, TeacherError)
+    assert stats.requests == 0  # the foreign targets were not accepted
+
+
+def test_teacher_replaced_behind_the_address(vit_engine):
+    """The first answer fixes the teacher: a redeploy with other weights on the same port is refused.
+
+    Also exercises the reconnect after UNAVAILABLE (the old server is gone in between).
+    """
+    other = TeacherEngine.from_config(tiny_vit_config(seed=1))
+    assert other.fingerprint != vit_engine.fingerprint
+    port = free_port()
+    c = SyncTeacherClient(f"grpc://127.0.0.1:{port}", timeout=2.0, max_retries=8, backoff_s=0.05, max_backoff_s=0.2)
+    try:
+        with run_server(vit_engine, port=port):
+            first = c.get_targets({"pixel_values": images(2)}, SPEC)
+        with pytest.raises(TeacherUnavailable):
+            c.client.max_retries = 1
+            c.get_targets({"pixel_values": images(2)}, SPEC)
+        c.client.max_retries = 8
+        with run_server(other, port=port):
+            with pytest.raises(FingerprintMismatch) as err:
+                c.get_targets({"pixel_values": images(2)}, SPEC)
+    finally:
+        c.close()
+    assert first["logits"].shape == (2, 10)
+    assert err.value.expected == vit_engine.fingerprint and err.value.got == other.fingerprint
+
+
+class RecordingServicer(Servicer):
+    """The real servicer, also recording each call's metadata and experiment_id."""
+
+    def __init__(self, engine: TeacherEngine):
+        super().__init__(engine)
+        self.calls: list[tuple[str, dict[str, str], str]] = []
+
+    def _record(self, name: str, context, experiment_id: str = "") -> None:
+        self.calls.append((name, dict(context.invocation_metadata()), experiment_id))
+
+    def Describe(self, request, context):
+        self._record("Describe", context)
+        return super().Describe(request, context)
+
+    def GetTargets(self, request, context):
+        self._record("GetTargets", context, request.experiment_id)
+        return super().GetTargets(request, context)
+
+
+@contextlib.contextmanager
+def recording_server(engine: TeacherEngine) -> Iterator[tuple[int, RecordingServicer]]:
+    servicer = RecordingServicer(engine)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=SERVER_OPTIONS)
+    pb_grpc.add_TeacherServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port, servicer
+    finally:
+        server.stop(grace=1).wait()
+
+
+def test_app_path_sends_application_metadata(vit_engine):
+    with recording_server(vit_engine) as (port, servicer):
+        with SyncTeacherClient(f"grpc://127.0.0.1:{port}/minilm", experiment_id="exp-42", **FAST) as c:
+            c.get_targets({"pixel_values": images(2)}, SPEC)  # auto stream: Describe, then GetTargets
+        with SyncTeacherClient(f"127.0.0.1:{port}", **FAST) as bare:
+            bare.describe()
+    routed, plain = servicer.calls[:2], servicer.calls[2:]
+    assert [name for name, _, _ in routed] == ["Describe", "GetTargets"]
+    assert all(md.get("application") == "minilm" for _, md, _ in routed)
+    assert routed[1][2] == "exp-42"
+    assert plain and all("application" not in md for _, md, _ in plain)
+
+
+def test_addresses():
+    t = GrpcTransport.from_address("grpc://teacher.svc:9000/vit")
+    assert (t.target, t.application, t.metadata) == ("teacher.svc:9000", "vit", (("application", "vit"),))
+    t = GrpcTransport.from_address("10.0.0.2:50051")
+    assert (t.target, t.application, t.metadata, t.address) == ("10.0.0.2:50051", "", (), "grpc://10.0.0.2:50051")
+    assert GrpcTransport.from_address("grpc://[::1]:50051").target == "[::1]:50051"
+    with pytest.raises(ValueError, match=r"scheme 'triton' is not supported by this transport"):
+        TeacherClient("triton://host:8001/model")
+    with pytest.raises(ValueError, match="not supported"):
+        connect("http://host:8000")
+    with pytest.raises(ValueError, match="needs a host and a port"):
+        connect("grpc://host")
+
+
+def test_sync_submit_and_async_agree(vit_engine, vit_port):
+    """Concurrent submits on one channel each get their own batch's targets."""
+    xs = [images(2, seed=s) for s in range(5)]
+    spec = wire.target_spec(logits=True)
+    with SyncTeacherClient(f"grpc://127.0.0.1:{vit_port}", **FAST) as c:
+        futs = [c.submit({"pixel_values": x}, spec) for x in xs]
+        outs = [f.result(timeout=10) for f in futs]
+        assert c.stats.requests == 5
+    for x, out in zip(xs, outs):
+        assert_same(out, direct(vit_engine, {"pixel_values": x}, spec))

@@ -1,0 +1,230 @@
+"""Prefetcher: order, overlap (step time -> max(X, Y)), errors and timeouts surface, bounded pull-ahead.
+
+Most tests use ``SleepyTeacher``: a real thread pool whose ``submit`` returns real futures after a
+chosen latency. It stands in for the teacher's latency only; one test runs the whole path against
+a real gRPC teacher.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from kdserve import wire
+from kdserve.v1 import teacher_pb2 as pb
+from student_workers.client import SyncTeacherClient
+from student_workers.prefetch import Prefetcher, align_images, teacher_image_size
+from teacher_server.engine import Work
+from teacher_server.grpc_server import run_server
+from teacher_server.service import TeacherService
+from teacher_server.spec import resolve_spec
+
+
+class SleepyTeacher:
+    """Answers ``{"y": 2 * x}`` after ``latency(i)`` seconds, ``i`` being the batch's index."""
+
+    address = "sleepy://test"
+
+    def __init__(self, latency: Callable[[int], float], workers: int = 1, fail_at: int | None = None):
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+        self.latency = latency
+        self.fail_at = fail_at
+        self.submitted: list[concurrent.futures.Future] = []
+
+    def _answer(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        i = int(inputs["i"])
+        time.sleep(self.latency(i))
+        if i == self.fail_at:
+            raise RuntimeError(f"teacher failed on batch {i}")
+        return {"y": inputs["x"] * 2}
+
+    def submit(self, inputs: dict[str, torch.Tensor], spec: Any) -> concurrent.futures.Future:
+        fut = self.pool.submit(self._answer, inputs)
+        self.submitted.append(fut)
+        return fut
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def batches(n: int) -> Iterator[dict[str, torch.Tensor]]:
+    for i in range(n):
+        yield {"i": torch.tensor(i), "x": torch.full((2, 3), float(i))}  # (B, D)
+
+
+def request(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], None]:
+    return {"i": batch["i"], "x": batch["x"]}, None
+
+
+def test_order_preserved_with_varying_latency():
+    """Later batches often finish first (4 workers, latencies 0-40 ms); output stays in order."""
+    teacher = SleepyTeacher(lambda i: (7 * i % 5) * 0.01, workers=4)
+    seen = []
+    with Prefetcher(batches(20), request, teacher, depth=4, timeout=5) as pf:
+        for batch, targets in pf:
+            seen.append(int(batch["i"]))
+            assert torch.equal(targets["y"], batch["x"] * 2)
+    teacher.close()
+    assert seen == list(range(20))
+    assert pf.steps == 20
+
+
+def mean_step_s(depth: int, x: float = 0.1, y: float = 0.1, steps: int = 15) -> tuple[float, Prefetcher]:
+    teacher = SleepyTeacher(lambda i: x, workers=1)  # one worker: the teacher serves serially
+    pf = Prefetcher(batches(steps), request, teacher, depth=depth, timeout=5)
+    t0 = time.perf_counter()
+    for _batch, _targets in pf:
+        time.sleep(y)  # the student's training step
+    teacher.close()
+    return (time.perf_counter() - t0) / steps, pf
+
+
+def test_prefetch_overlaps_teacher_and_training():
+    x = y = 0.1
+    overlapped, pf = mean_step_s(depth=2, x=x, y=y)
+    serial, pf0 = mean_step_s(depth=0, x=x, y=y)
+    assert overlapped < 0.75 * (x + y)  # about max(X, Y)
+    assert serial >= 0.9 * (x + y)  # exactly X + Y: nothing overlaps
+    # the recorded waits tell the same story: ~X per step without prefetch, ~0 with it
+    assert pf0.mean_wait_s >= 0.9 * x
+    assert pf.mean_wait_s < 0.5 * x
+    assert pf.total_wait_s == pytest.approx(pf.mean_wait_s * 15)
+
+
+def test_teacher_error_surfaces_at_its_batch():
+    teacher = SleepyTeacher(lambda i: 0.0, workers=2, fail_at=5)
+    seen = []
+    pf = Prefetcher(batches(20), request, teacher, depth=3, timeout=5)
+    with pytest.raises(RuntimeError, match="teacher failed on batch 5") as err:
+        for batch, _ in pf:
+            seen.append(int(batch["i"]))
+    teacher.close()
+    assert seen == [0, 1, 2, 3, 4]
+    assert any("batch 5" in n for n in err.value.__notes__)
+    assert list(pf) == []  # closed after the error
+
+
+def test_source_error_surfaces_in_order():
+    def broken() -> Iterator[dict[str, torch.Tensor]]:
+        yield from batches(3)
+        raise OSError("corrupt shard")
+
+    teacher = SleepyTeacher(lambda i: 0.0)
+    seen = []
+    with pytest.raises(OSError, match="corrupt shard"):
+        # depth 5: the error is hit while prefetching, but raised only after batches 0-2
+        for batch, _ in Prefetcher(broken(), request, teacher, depth=5, timeout=5):
+            seen.append(int(batch["i"]))
+    teacher.close()
+    assert seen == [0, 1, 2]
+
+
+def test_make_request_error_surfaces():
+    def bad_request(batch):
+        if int(batch["i"]) == 2:
+            raise KeyError("pixel_values")
+        return request(batch)
+
+    teacher = SleepyTeacher(lambda i: 0.0)
+    seen = []
+    with pytest.raises(KeyError):
+        for batch, _ in Prefetcher(batches(6), bad_request, teacher, depth=2, timeout=5):
+            seen.append(int(batch["i"]))
+    teacher.close()
+    assert seen == [0, 1]
+
+
+class SilentTeacher:
+    """Accepts requests and never answers (a stuck teacher)."""
+
+    address = "grpc://stuck:50051"
+
+    def __init__(self) -> None:
+        self.futures: list[concurrent.futures.Future] = []
+
+    def submit(self, inputs, spec) -> concurrent.futures.Future:
+        self.futures.append(concurrent.futures.Future())
+        return self.futures[-1]
+
+
+def test_silent_teacher_times_out():
+    teacher = SilentTeacher()
+    pf = Prefetcher(batches(10), request, teacher, depth=3, timeout=0.3)
+    t0 = time.perf_counter()
+    with pytest.raises(TimeoutError, match=r"grpc://stuck:50051.*0\.3 s"):
+        next(pf)
+    assert 0.25 <= time.perf_counter() - t0 < 2.0
+    assert len(teacher.futures) == 3 and all(f.cancelled() for f in teacher.futures)  # nothing left pending
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_source_never_more_than_depth_plus_one_ahead(depth):
+    pulled = 0
+    ahead = []
+    consumed = 0
+
+    def counting() -> Iterator[dict[str, torch.Tensor]]:
+        nonlocal pulled
+        for b in batches(12):
+            pulled += 1
+            ahead.append(pulled - consumed)  # batches pulled but not yet handed to the loop
+            yield b
+
+    teacher = SleepyTeacher(lambda i: 0.001, workers=2)
+    for batch, _ in Prefetcher(counting(), request, teacher, depth=depth, timeout=5):
+        consumed += 1
+        assert int(batch["i"]) == consumed - 1
+    teacher.close()
+    assert consumed == 12
+    assert max(ahead) <= depth + 1
+    assert max(ahead) == depth + 1  # and it does prefetch that far (no idle teacher)
+
+
+def test_prefetch_against_real_teacher(vit_engine):
+    """The whole path: augmented views -> aligned -> gRPC teacher -> in-order targets."""
+    info = TeacherService(vit_engine).describe()
+    size = teacher_image_size(info)
+    spec = wire.target_spec(hidden={"vision": [-1]}, logits=True)
+    g = torch.Generator().manual_seed(0)
+    views = [torch.rand(2, 3, 48, 48, generator=g) for _ in range(6)]  # student trains at 48 px
+
+    def make(batch: torch.Tensor):
+        return {"pixel_values": align_images(batch, size)}, spec
+
+    with run_server(vit_engine) as port, SyncTeacherClient(f"grpc://127.0.0.1:{port}", timeout=5, max_retries=1) as c:
+        got = [(b, t) for b, t in Prefetcher(views, make, c, depth=2, timeout=10)]
+    assert len(got) == 6
+    for view, (batch, targets) in zip(views, got):
+        assert batch is view
+        x = align_images(view, size)
+        (want,), _ = vit_engine.run([Work({"pixel_values": x}, resolve_spec(spec, vit_engine.modules, 10))])
+        assert torch.equal(targets["logits"], want["logits"])
+        assert torch.equal(targets["hidden.vision.3"], want["hidden.vision.3"])
+
+
+def test_align_images():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 64, 48, generator=g)  # (B, 3, H, W)
+    assert align_images(x, (64, 48)) is x  # identity at equal size: no resampling at all
+    y = align_images(x, (32, 32))
+    assert y.shape == (2, 3, 32, 32)
+    # the same resampling torchvision's Resize applies to a student's view
+    ref = TF.resize(x, [32, 32], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    assert torch.allclose(y, ref, atol=1e-6)
+    assert 0.0 <= y.min() and y.max() <= 1.0
+    flat = torch.full((1, 3, 40, 40), 0.25)
+    assert torch.allclose(align_images(flat, (32, 32)), torch.full((1, 3, 32, 32), 0.25))
+    up = align_images(x, (96, 72))
+    assert up.shape == (2, 3, 96, 72)
+    with pytest.raises(ValueError):
+        align_images(x[0], (32, 32))
+
+
+def test_teacher_image_size(vit_engine):
+    assert teacher_image_size(TeacherService(vit_engine).describe()) == (32, 32)
+    text = pb.TeacherInfo(inputs=[pb.InputInfo(name="input_ids", dtype="int64", shape=[-1, -1])])
+    assert teacher_image_size(text) is None  # a text teacher takes no images

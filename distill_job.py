@@ -1,0 +1,177 @@
+"""Distill a student from a shared teacher over gRPC, on Ray Train.
+
+    python distill_job.py --config configs/quickstart.yaml
+    python distill_job.py --config configs/quickstart.yaml --set train.steps=50 --set train.lr=5e-4
+    ray job submit --address http://HEAD:8265 --working-dir . -- python distill_job.py --config ...
+
+With ``teacher.address`` empty the job first deploys ``teacher.local`` on Ray Serve in the same
+cluster (the embedded default). The resolved config, TensorBoard scalars and checkpoints go to
+``<run.storage_path>/<run.name>/``; a rerun with the same name resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default),
+# which is what one ray.train.report costs; 0.2 s keeps reports cheap.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="distill_job.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="job YAML (see student_workers/job_config.py)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-3")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: $RAY_ADDRESS or a new local one)")
+    p.add_argument("--skip-eval", action="store_true", help="skip the before/after student-vs-teacher comparison")
+    return p.parse_args(argv)
+
+
+def start_ray(cfg, ray_address: str | None):
+    import ray
+
+    if ray.is_initialized():  # e.g. tests sharing one cluster
+        return ray
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S") if k in os.environ}}
+    if address:
+        ray.init(address=address, log_to_driver=True, runtime_env=env)
+    else:
+        ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, runtime_env=env)
+    return ray
+
+
+def teacher_address(cfg) -> str:
+    """The configured teacher, or a local one deployed on Ray Serve in this cluster."""
+    if cfg.teacher.address:
+        return cfg.teacher.address
+    import ray
+
+    from teacher_server.serve_app import deploy
+
+    print(f"deploying the local teacher {cfg.teacher.local.model} on Ray Serve (gRPC :{cfg.teacher.grpc_port})...",
+          flush=True)
+    deploy(cfg.teacher.local, grpc_port=cfg.teacher.grpc_port, http_port=cfg.teacher.grpc_port + 1, host="0.0.0.0")
+    return f"grpc://{ray.util.get_node_ip_address()}:{cfg.teacher.grpc_port}"
+
+
+def eval_batches(cfg):
+    from student_workers.train import batches
+
+    held = cfg.model_copy(deep=True)
+    held.data.kwargs = {**cfg.data.kwargs, "split": "held_out"}
+    return batches(held, 0, 1)
+
+
+def evaluate(cfg, address, info, state_dict=None) -> dict:
+    import torch
+
+    from student_workers.client import SyncTeacherClient
+    from student_workers.distiller import Distiller
+    from student_workers.evaluate import agreement
+    from student_workers.students import build_student
+
+    torch.manual_seed(cfg.train.seed)
+    distiller = Distiller(build_student(cfg.student), cfg.distill, info)
+    if state_dict is not None:
+        distiller.load_state_dict(state_dict)
+    n = max(1, cfg.data.eval_samples // cfg.data.batch_size)
+    with SyncTeacherClient(address, experiment_id=f"{cfg.run.name}-eval") as client:
+        return agreement(distiller, client, eval_batches(cfg), distiller.target_spec(), n)
+
+
+def run(cfg, args) -> int:
+    import torch
+
+    from kdserve.config import dump
+    from student_workers.client import SyncTeacherClient
+    from student_workers.train import CKPT_FILE
+
+    t0 = time.time()
+    storage = Path(cfg.run.storage_path).resolve()
+    run_dir = storage / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump(cfg, run_dir / "config.yaml")
+    start_ray(cfg, args.ray_address)
+    address = teacher_address(cfg)
+    with SyncTeacherClient(address, experiment_id=cfg.run.name, timeout=30, max_retries=3) as c:
+        info = c.describe()
+    print(f"teacher {info.model_name} at {address} (fingerprint {info.fingerprint}); run dir {run_dir}", flush=True)
+    before = None if args.skip_eval else evaluate(cfg, address, info)
+    result = fit(cfg, address, run_dir)
+    if result.error:
+        print(f"error: training failed: {result.error}", file=sys.stderr)
+        return 1
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CKPT_FILE, map_location="cpu", weights_only=False)
+    print(f"\n=== {cfg.run.name}: {state['step']} steps in {time.time() - t0:.0f}s "
+          f"({cfg.train.num_workers} workers) ===")
+    print(f"final metrics: { {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)} }")
+    print(f"checkpoint: {result.checkpoint.path}")
+    if before is not None:
+        after = evaluate(cfg, address, info, state["distiller"])
+        for k in after:
+            if k != "samples":
+                print(f"held-out {k} (student vs teacher, {after['samples']} samples): "
+                      f"{before[k]:.3f} before -> {after[k]:.3f} after distillation")
+    return 0
+
+
+def fit(cfg, address: str, run_dir: Path):
+    """Run the Ray Train job; a run dir with checkpoints of the same run name is resumed."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from student_workers.train import train_loop_per_worker
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": cfg.model_dump(mode="json"), "address": address, "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=str(run_dir.parent),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    return trainer.fit()
+
+
+def main(argv=None) -> int:
+    from kdserve.config import ConfigError, load
+    from student_workers.job_config import JobConfig
+
+    args = parse_args(argv)
+    try:
+        cfg = load(JobConfig, args.config, args.set)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return run(cfg, args)
+    except (ValueError, FileNotFoundError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # TeacherUnavailable, FingerprintMismatch, Serve start failures
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 1
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+                from ray import serve
+
+                serve.shutdown()
+            ray.shutdown()
+        except Exception:
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The distillation job's configuration: one YAML file, five sections, every field documented.
+
+Unknown keys are errors; ``--set section.field=value`` overrides any field; the resolved config is
+written next to the run's outputs as ``config.yaml``.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from kdserve.config import Strict
+from student_workers.students import StudentConfig
+from teacher_server.config import TeacherConfig
+
+
+class TeacherSection(Strict):
+    address: str | None = Field(
+        None,
+        description="grpc://host:port[/app] of a running teacher. Empty: the job deploys `local` on Ray "
+        "Serve in its own Ray cluster first (the embedded default).",
+    )
+    local: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher to deploy when no address.")
+    grpc_port: int = Field(9000, description="gRPC port of the locally deployed teacher.")
+    timeout_s: float = Field(60.0, gt=0, description="Deadline of one teacher call.")
+    max_retries: int = Field(5, ge=0, description="Retries on UNAVAILABLE / DEADLINE_EXCEEDED, with backoff.")
+    prefetch_depth: int = Field(2, ge=0, description="Teacher requests kept in flight ahead of training (0: none).")
+    target_dtype: Literal["float32", "float16", "bfloat16", "int8"] = Field(
+        "float32", description="Wire dtype of the targets (float16/int8 halve/quarter the bytes)."
+    )
+
+
+class DistillSection(Strict):
+    feature_weight: float = Field(1.0, ge=0, description="Weight of feature KD on the mapped layers (methods 2).")
+    feature_kind: Literal["mse", "l1", "cosine"] = Field("mse", description="Feature distance.")
+    layer_map: Literal["uniform", "last", "explicit"] = Field(
+        "uniform", description="Which student block regresses which teacher block (methods 6)."
+    )
+    layer_pairs: list[tuple[int, int]] = Field(
+        default_factory=list, description="explicit map: (student block, teacher block), 1-based."
+    )
+    data2vec_weight: float = Field(
+        0.0, ge=0, description="Weight of the Data2Vec target loss (methods 3); the server reduces all teacher layers."
+    )
+    data2vec_eps: float = Field(1e-5, gt=0, description="eps of the Data2Vec instance/layer norms.")
+    logits_weight: float = Field(0.0, ge=0, description="Weight of KL(teacher || student) on logits (methods 1).")
+    temperature: float = Field(2.0, gt=0, description="KD temperature T (the loss carries T^2).")
+    logits_top_k: int = Field(0, ge=0, description="Request only the teacher's top-k logits (0: all).")
+
+
+class DataSection(Strict):
+    dataset: str = Field("wordnet", description="Registered dataset: wordnet, text_file, sklearn_images, image_folder...")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Dataset arguments (e.g. path, size).")
+    batch_size: int = Field(32, ge=1, description="Samples per worker per step.")
+    max_length: int = Field(32, ge=2, description="Text: tokens per sentence (teacher's tokenizer).")
+    tokenizer: str = Field("minilm", description="Text: the TEACHER's tokenizer (minilm or a local HF dir).")
+    eval_samples: int = Field(256, ge=0, description="Held-out samples for the final student-vs-teacher comparison.")
+
+
+class TrainSection(Strict):
+    steps: int = Field(300, ge=1, description="Optimizer steps per worker.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (student and distillation heads).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(20, ge=0, description="Linear LR warm-up, then cosine decay.")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient norm clip (0: off).")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel, DDP).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    seed: int = Field(0, description="Seed of the student init and data order.")
+    log_every: int = Field(20, ge=1, description="Steps between progress lines and TensorBoard points.")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (each one a ray.train.report).")
+    max_failures: int = Field(1, ge=0, description="Worker-group restarts from the latest checkpoint.")
+
+
+class RunSection(Strict):
+    name: str = Field("quickstart", description="Run name: also the experiment id the teacher sees.")
+    storage_path: str = Field("runs", description="Where checkpoints, TensorBoard and config.yaml go.")
+    num_cpus: int | None = Field(None, description="Logical CPUs of a local Ray cluster (None: Ray decides).")
+
+
+class JobConfig(Strict):
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    student: StudentConfig = Field(
+        default_factory=lambda: StudentConfig(kind="hf_text", name="bert"), description="The student to train."
+    )
+    distill: DistillSection = Field(default_factory=DistillSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    run: RunSection = Field(default_factory=RunSection)

@@ -1,0 +1,172 @@
+"""The Ray Train worker loop: student, data shard, teacher client, prefetcher, losses, checkpoints.
+
+Each worker trains data-parallel (DDP via ``ray.train.torch.prepare_model``), pulls its targets
+from the shared teacher with K requests in flight, and reports metrics + a checkpoint every
+``checkpoint_every`` steps (a report costs ~2 s of controller polling here: never every step).
+A restarted worker group resumes from the latest checkpoint's step, not from 0.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from student_workers.client import SyncTeacherClient
+from student_workers.data import build_dataset, collate_text, shard
+from student_workers.distiller import Distiller
+from student_workers.job_config import JobConfig
+from student_workers.prefetch import Prefetcher, align_images
+from student_workers.students import build_student
+
+CKPT_FILE = "state.pt"
+
+
+def batches(cfg: JobConfig, rank: int, world: int, epoch0: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches of this worker's shard, one epoch after another."""
+    ds = shard(build_dataset(cfg.data.dataset, **cfg.data.kwargs), rank, world, even=True)
+    collate = collate_text(cfg.data.tokenizer, cfg.data.max_length) if cfg.student.kind == "hf_text" else None
+    epoch = epoch0
+    while True:
+        if hasattr(ds, "set_epoch"):
+            ds.set_epoch(epoch)
+        g = torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch * 10 + rank)
+        loader = DataLoader(ds, batch_size=cfg.data.batch_size, shuffle=True, generator=g, drop_last=True,
+                            collate_fn=collate, num_workers=0)
+        yield from loader
+        epoch += 1
+
+
+def teacher_inputs(batch: dict, teacher_image_size: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+    """Exactly the view the student trains on (resized to the teacher's size when they differ)."""
+    if "pixel_values" in batch:
+        return {"pixel_values": align_images(batch["pixel_values"], teacher_image_size)}
+    return {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+
+def student_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k in ("pixel_values", "input_ids", "attention_mask")}
+
+
+def lr_at(step: int, cfg: JobConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    p = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def _image_size(info) -> tuple[int, int] | None:
+    for i in info.inputs:
+        if i.name == "pixel_values":
+            return int(i.shape[2]), int(i.shape[3])
+    return None
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    cfg = JobConfig.model_validate(config["job"])
+    address = config["address"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.train.seed)  # every rank builds the same initial student
+
+    client = SyncTeacherClient(address, experiment_id=cfg.run.name, timeout=cfg.teacher.timeout_s,
+                               max_retries=cfg.teacher.max_retries)
+    info = client.describe()
+    distiller = Distiller(build_student(cfg.student), cfg.distill, info)
+    spec = distiller.target_spec(cfg.teacher.target_dtype)
+    opt = torch.optim.AdamW(distiller.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / CKPT_FILE, map_location="cpu", weights_only=False)
+        if state["fingerprint"] != info.fingerprint:
+            raise RuntimeError(
+                f"checkpoint was distilled from teacher {state['fingerprint']} but {address} serves "
+                f"{info.fingerprint}: resume against the same teacher"
+            )
+        distiller.load_state_dict(state["distiller"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+    model = ray.train.torch.prepare_model(distiller, parallel_strategy_kwargs={"find_unused_parameters": True})
+    device = ray.train.torch.get_device()
+
+    writer = None
+    run_dir = Path(config["run_dir"])
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    size = _image_size(info)
+    source = batches(cfg, rank, world, epoch0=start)
+    pre = Prefetcher(source, lambda b: (teacher_inputs(b, size), spec), client, depth=cfg.teacher.prefetch_depth,
+                     timeout=cfg.teacher.timeout_s * (cfg.teacher.max_retries + 1) + 10, name=address)
+    t_log, wait_log, n_log, sums = time.perf_counter(), 0.0, 0, {}
+    last_metrics: dict = {}
+    try:
+        for step in range(start, cfg.train.steps):
+            batch, targets = next(pre)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            inputs = {k: v.to(device) for k, v in student_inputs(batch).items()}
+            total, terms = model(inputs, targets)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            opt.step()
+            n_log += 1
+            for k, v in {"loss": total.detach(), **terms}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                now = time.perf_counter()
+                waited = pre.total_wait_s - wait_log
+                metrics = {k: v / n_log for k, v in sums.items()}
+                metrics.update(step=done, lr=lr_at(step, cfg), resumed_from=start,
+                               samples_per_s=n_log * cfg.data.batch_size * world / (now - t_log),
+                               teacher_wait_s=waited)
+                if rank == 0:
+                    terms_s = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("step", "lr", "samples_per_s", "teacher_wait_s", "resumed_from"))
+                    print(f"[{cfg.run.name}] step {done:5d}/{cfg.train.steps} {terms_s} | "
+                          f"{metrics['samples_per_s']:.0f} samples/s | waited on teacher {waited:.2f}s "
+                          f"of {now - t_log:.2f}s", flush=True)
+                    for k, v in metrics.items():
+                        if k != "step":
+                            writer.add_scalar(f"train/{k}", v, done)
+                    writer.flush()
+                t_log, wait_log, n_log, sums = now, pre.total_wait_s, 0, {}
+                last_metrics = metrics
+            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+                _report(ray.train, Checkpoint, distiller, opt, done, info.fingerprint, rank,
+                        {**last_metrics, "resumed_from": start})
+    finally:
+        pre.close()
+        client.close()
+        if writer:
+            writer.close()
+
+
+def _report(train, Checkpoint, distiller, opt, step: int, fingerprint: str, rank: int, metrics: dict) -> None:
+    """Every rank reports (Ray Train syncs on it); rank 0 attaches the checkpoint."""
+    metrics = {**metrics, "step": step}
+    if rank != 0:
+        train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({"distiller": distiller.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "fingerprint": fingerprint}, os.path.join(d, CKPT_FILE))
+        train.report(metrics, checkpoint=Checkpoint.from_directory(d))

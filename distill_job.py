@@ -22,11 +22,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
+_DEPLOYED: list[bool] = []  # whether this process deployed the local teacher (and must remove it)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="distill_job.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="job YAML (see student_workers/job_config.py)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-3")
-    p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: $RAY_ADDRESS or a new local one)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join ('auto' for the one on this machine); default $RAY_ADDRESS, else a new local cluster")
     p.add_argument("--skip-eval", action="store_true", help="skip the before/after student-vs-teacher comparison")
     return p.parse_args(argv)
 
@@ -41,7 +44,9 @@ def start_ray(cfg, ray_address: str | None):
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env=env)
     else:
-        ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, runtime_env=env)
+        # A new local cluster: joining whatever else runs on this machine must be asked for
+        # (--ray-address auto), or the job would land on someone else's resources.
+        ray.init(address="local", num_cpus=cfg.run.num_cpus, include_dashboard=False, runtime_env=env)
     return ray
 
 
@@ -56,7 +61,16 @@ def teacher_address(cfg) -> str:
     print(f"deploying the local teacher {cfg.teacher.local.model} on Ray Serve (gRPC :{cfg.teacher.grpc_port})...",
           flush=True)
     deploy(cfg.teacher.local, grpc_port=cfg.teacher.grpc_port, http_port=cfg.teacher.grpc_port + 1, host="0.0.0.0")
+    _DEPLOYED.append(True)
     return f"grpc://{ray.util.get_node_ip_address()}:{cfg.teacher.grpc_port}"
+
+
+def describe(address: str, cfg):
+    from student_workers.client import SyncTeacherClient
+
+    with SyncTeacherClient(address, experiment_id=cfg.run.name, timeout=min(30.0, cfg.teacher.timeout_s),
+                           max_retries=cfg.teacher.max_retries) as c:
+        return c.describe()
 
 
 def eval_batches(cfg):
@@ -88,7 +102,6 @@ def run(cfg, args) -> int:
     import torch
 
     from kdserve.config import dump
-    from student_workers.client import SyncTeacherClient
     from student_workers.train import CKPT_FILE
 
     t0 = time.time()
@@ -96,10 +109,11 @@ def run(cfg, args) -> int:
     run_dir = storage / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     dump(cfg, run_dir / "config.yaml")
+    if cfg.teacher.address:  # fail fast, before starting a cluster, when the teacher is not there
+        describe(cfg.teacher.address, cfg)
     start_ray(cfg, args.ray_address)
     address = teacher_address(cfg)
-    with SyncTeacherClient(address, experiment_id=cfg.run.name, timeout=30, max_retries=3) as c:
-        info = c.describe()
+    info = describe(address, cfg)
     print(f"teacher {info.model_name} at {address} (fingerprint {info.fingerprint}); run dir {run_dir}", flush=True)
     before = None if args.skip_eval else evaluate(cfg, address, info)
     result = fit(cfg, address, run_dir)
@@ -164,11 +178,12 @@ def main(argv=None) -> int:
         try:
             import ray
 
-            if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+            if _DEPLOYED and not os.environ.get("RAY_ADDRESS"):
                 from ray import serve
 
                 serve.shutdown()
-            ray.shutdown()
+            if ray.is_initialized():
+                ray.shutdown()
         except Exception:
             pass
 

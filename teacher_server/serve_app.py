@@ -8,14 +8,13 @@ a batch is answered by ``TeacherEngine.run`` in as few forwards as the inputs al
 """
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 from ray import serve
 from ray.serve.config import gRPCOptions
 
 from kdserve.v1 import teacher_pb2 as pb
+from teacher_server.coalesce import Coalescer
 from teacher_server.config import TeacherConfig
 from teacher_server.engine import TeacherEngine, Work
 from teacher_server.metrics import get_metrics
@@ -40,6 +39,10 @@ class TeacherDeployment:
         self.engine = TeacherEngine.from_config(self.cfg)
         self.service = TeacherService(self.engine, self.cfg)
         self.metrics = get_metrics("ray")
+        self.coalescer = Coalescer(
+            self.engine.run, self.cfg.max_batch_size,
+            on_batch=lambda s: self.metrics.batch(s.requests, s.samples, s.compute_ms),
+        )
         self._batched.set_max_batch_size(self.cfg.max_batch_requests)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
@@ -77,13 +80,10 @@ class TeacherDeployment:
             return None
         return work, outputs, stats, queue_ms
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    # Several Serve batches may wait at once; the Coalescer merges them into each next forward.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=4)
     async def _batched(self, works: list[Work]) -> list[tuple]:
-        start = time.perf_counter()
-        # The forward runs in a thread so the event loop keeps accepting the next batch.
-        results, stats = await asyncio.to_thread(self.engine.run, works)
-        self.metrics.batch(stats.requests, stats.samples, stats.compute_ms)
-        return [(r, stats, (start - w.enqueued) * 1e3) for r, w in zip(results, works)]
+        return await self.coalescer.submit(works)
 
     def check_health(self) -> None:
         """Serve's health check: the engine must still be loaded."""

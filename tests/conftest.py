@@ -53,7 +53,7 @@ def ray_cluster():
     """A local Ray cluster shared by every cluster test (ray.init costs ~5 s here)."""
     import ray
 
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
     yield ray
     try:
         from ray import serve

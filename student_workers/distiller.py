@@ -1,101 +1,277 @@
 """The distillation head: what to ask the teacher for, and the combined KD loss of a step.
 
-``Distiller`` owns the student's side of every term (projections ``W: D_s -> D_t``, which belong
-to distillation and are dropped afterwards) so checkpoints carry them with the student.
+``Distiller`` owns every stateful piece on the student's side of the losses: the projections
+``W: D_s -> D_t`` (they belong to distillation and are dropped afterwards) and the NCE teacher
+queues, so one ``state_dict`` (and so every checkpoint) carries them with the student.
+
+Modules: a unimodal student has one module ("vision" or "text"); a CoCa-style student has
+"image", "text" and "multimodal". Layer maps, projections, attention and NCE terms are per
+module; ``arm`` (OPTIMA, methods.md section 7) restricts the layerwise terms to some modules.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kdserve import wire
 from kdserve.v1 import teacher_pb2 as pb
 from student_workers.job_config import DistillSection
-from student_workers.losses import Projection, data2vec_loss, feature_loss, kd_kl, kd_kl_topk
+from student_workers.losses import (
+    Projection,
+    TeacherQueue,
+    attention_mse_head_mean,
+    attention_mse_per_head,
+    data2vec_loss,
+    feature_loss,
+    kd_kl,
+    kd_kl_topk,
+    logits_mse,
+    soft_cross_entropy,
+    token_nce,
+)
 from student_workers.losses.layer_map import layer_map
-from student_workers.students import Student, StudentOutput
+
+
+@dataclass
+class ModuleView:
+    """One module of a student forward: block outputs, attention maps, real-token mask."""
+
+    hidden: list[torch.Tensor]  # L x (B, T, D)
+    attentions: list[torch.Tensor | None] | None  # L x (B, H, T, T)
+    mask: torch.Tensor | None  # (B, T)
+
+
+def module_views(out) -> dict[str, ModuleView]:
+    """StudentOutput (one module) or a multi-module output -> {module: ModuleView}."""
+    if isinstance(out.hidden, dict):
+        attn = out.attentions or {}
+        masks = getattr(out, "token_masks", None) or {}
+        return {m: ModuleView(h, attn.get(m), masks.get(m)) for m, h in out.hidden.items()}
+    return {"": ModuleView(out.hidden, out.attentions, out.token_mask)}
 
 
 class Distiller(nn.Module):
-    """Student + distillation heads. ``forward(inputs, targets) -> (total, terms)``."""
+    """Student + distillation heads. ``forward(inputs, targets, labels, arm) -> (total, terms)``."""
 
-    def __init__(self, student: Student, cfg: DistillSection, info: pb.TeacherInfo):
+    def __init__(self, student: nn.Module, cfg: DistillSection, info: pb.TeacherInfo):
         super().__init__()
         self.student = student
         self.cfg = cfg
-        (module, (l_s, d_s, _)), = student.modules_info.items()
         teacher = {m.name: m for m in info.modules}
-        if module not in teacher:
-            raise ValueError(f"the student is a {module!r} model but the teacher has modules {sorted(teacher)}")
-        self.module = module
-        t = teacher[module]
-        self.pairs: list[tuple[int, int]] = []
-        if cfg.feature_weight > 0:
-            self.pairs = layer_map(cfg.layer_map, l_s, t.num_layers, cfg.layer_pairs or None)
-            self.proj = nn.ModuleDict({str(s): Projection(d_s, t.hidden_size) for s, _ in self.pairs})
-        if cfg.data2vec_weight > 0:
+        self.student_modules = dict(student.modules_info)  # name -> (L, D, H)
+        missing = sorted(set(self.student_modules) - set(teacher))
+        if missing:
+            raise ValueError(f"the student has modules {missing} that the teacher lacks (teacher: {sorted(teacher)})")
+        self.modules_ = [m for m in self.student_modules if not cfg.modules or m in cfg.modules]
+        self.teacher_info = {m: teacher[m] for m in self.modules_}
+        self.pairs: dict[str, list[tuple[int, int]]] = {}
+        self.proj = nn.ModuleDict()
+        self.nce_proj = nn.ModuleDict()
+        self.queues = nn.ModuleDict()
+        self.d2v_proj = nn.ModuleDict()
+        for m in self.modules_:
+            l_s, d_s, h_s = self.student_modules[m]
+            t = self.teacher_info[m]
+            if cfg.feature_weight > 0 or cfg.attention_weight > 0:
+                try:
+                    self.pairs[m] = layer_map(cfg.layer_map, l_s, t.num_layers, cfg.layer_pairs or None)
+                except ValueError as e:
+                    raise ValueError(f"distill.layer_map for module {m!r} (teacher has {t.num_layers} blocks): {e}") from None
             if cfg.feature_weight > 0:
+                for s, _ in self.pairs[m]:
+                    self.proj[f"{m}_{s}"] = Projection(d_s, t.hidden_size)
+            if cfg.attention_weight > 0 and cfg.attention_kind == "per_head" and h_s != t.num_heads:
                 raise ValueError(
-                    "distill: feature_weight and data2vec_weight are both > 0; one request carries one hidden "
-                    "reduction, so pick one (set the other to 0)"
+                    f"distill.attention_kind=per_head needs equal head counts; module {m!r}: student {h_s}, "
+                    f"teacher {t.num_heads} (use attention_kind: head_mean)"
                 )
-            self.d2v_proj = Projection(d_s, t.hidden_size)
-        if cfg.logits_weight > 0 and info.num_classes == 0:
+            if cfg.nce_weight > 0:
+                self.nce_proj[m] = Projection(d_s, t.hidden_size, force=True)
+                self.queues[m] = TeacherQueue(t.hidden_size, cfg.nce_queue_size)
+            if cfg.data2vec_weight > 0:
+                self.d2v_proj[m] = Projection(d_s, t.hidden_size)
+        if cfg.data2vec_weight > 0 and (cfg.feature_weight > 0 or cfg.nce_weight > 0):
+            raise ValueError(
+                "distill: data2vec_weight > 0 together with feature_weight or nce_weight; one request carries "
+                "one hidden reduction, so use Data2Vec alone (set the others to 0)"
+            )
+        if (cfg.logits_weight > 0) and info.num_classes == 0:
             raise ValueError("distill.logits_weight > 0 but the teacher has no classification head")
-        if not (cfg.feature_weight or cfg.data2vec_weight or cfg.logits_weight):
-            raise ValueError("distill: every weight is 0; nothing to distill")
+        if not any((cfg.feature_weight, cfg.data2vec_weight, cfg.logits_weight, cfg.attention_weight,
+                    cfg.nce_weight, cfg.task_weight)):
+            raise ValueError("distill: every weight is 0; nothing to train")
 
-    def target_spec(self, dtype: str = "float32") -> pb.TargetSpec:
-        """Only what the losses need crosses the wire."""
+    # -- names -----------------------------------------------------------------------------
+    @property
+    def modules_list(self) -> list[str]:
+        return list(self.modules_)
+
+    # -- what to request ---------------------------------------------------------------------
+    def target_spec(self, dtype: str = "float32", arm: tuple[str, ...] | None = None) -> pb.TargetSpec:
+        """Only what this step's losses need crosses the wire (``arm``: modules trained layerwise)."""
         c = self.cfg
-        hidden, reduction = {}, "none"
-        if self.pairs:
-            hidden = {self.module: sorted({t for _, t in self.pairs})}
-        elif c.data2vec_weight > 0:
-            hidden, reduction = {self.module: []}, "data2vec"  # [] = all teacher layers, reduced on the server
+        layerwise = [m for m in self.modules_ if arm is None or m in arm]
+        hidden: dict[str, list[int]] = {}
+        attention: dict[str, list[int]] = {}
+        reduction = "none"
+        for m in self.modules_:
+            tm, t = m, self.teacher_info[m]
+            if c.data2vec_weight > 0:
+                hidden[tm], reduction = [], "data2vec"  # [] = all teacher layers, reduced on the server
+                continue
+            layers = set()
+            if c.feature_weight > 0 and m in layerwise:
+                layers |= {tl for _, tl in self.pairs[m]}
+            if c.nce_weight > 0:
+                layers.add(t.num_layers)
+            if layers:
+                hidden[tm] = sorted(layers)
+            if c.attention_weight > 0 and m in layerwise:
+                attention[tm] = [t.num_layers] if c.attention_kind == "per_head" else sorted({tl for _, tl in self.pairs[m]})
         return wire.target_spec(
             hidden=hidden, hidden_reduction=reduction, data2vec_eps=c.data2vec_eps,
+            attention=attention, attention_reduction="none" if c.attention_kind == "per_head" else "head_mean",
             logits=c.logits_weight > 0, logits_top_k=c.logits_top_k, dtype=dtype,
         )
 
-    def forward(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]):
-        out: StudentOutput = self.student(inputs)
-        return self.losses(out, targets)
+    def attention_needed(self, arm: tuple[str, ...] | None = None):
+        """Student blocks whose true attention probabilities this step needs, per module."""
+        if self.cfg.attention_weight <= 0:
+            return False
+        need = {}
+        for m in self.modules_:
+            if arm is not None and m not in arm:
+                continue
+            l_s = self.student_modules[m][0]
+            need[m] = {l_s} if self.cfg.attention_kind == "per_head" else {s for s, _ in self.pairs[m]}
+        if len(self.student_modules) == 1:  # unimodal students take a set of blocks
+            return next(iter(need.values()), set()) or False
+        return need
 
-    def losses(self, out: StudentOutput, targets: dict[str, torch.Tensor]):
-        c, terms = self.cfg, {}
-        mask = out.token_mask
-        total = out.hidden[-1].new_zeros(())
-        if self.pairs:
-            feat = sum(
-                feature_loss(out.hidden[s - 1], _t(targets[f"hidden.{self.module}.{t}"], out.hidden[s - 1]),
-                             c.feature_kind, mask=mask, projection=self.proj[str(s)])
-                for s, t in self.pairs
-            ) / len(self.pairs)
-            terms["feature"] = feat
-            total = total + c.feature_weight * feat
-        if c.data2vec_weight > 0:
-            d2v = data2vec_loss(out.hidden, _t(targets[f"data2vec.{self.module}"], out.hidden[-1]),
-                                eps=c.data2vec_eps, mask=mask, projection=self.d2v_proj)
-            terms["data2vec"] = d2v
-            total = total + c.data2vec_weight * d2v
-        if c.logits_weight > 0:
-            if c.logits_top_k:
-                kd = kd_kl_topk(out.logits, _t(targets["logits_topk.values"], out.logits),
-                                targets["logits_topk.indices"].to(out.logits.device), c.temperature)
-            else:
-                kd = kd_kl(out.logits, _t(targets["logits"], out.logits), c.temperature)
-            terms["kd"] = kd
+    # -- the loss ----------------------------------------------------------------------------
+    def forward(self, inputs, targets, labels=None, arm=None, enqueue: bool = True):
+        out = self.student(inputs, need_attention=self.attention_needed(arm))
+        return self.losses(out, targets, labels, arm, enqueue)
+
+    def losses(self, out, targets, labels=None, arm=None, enqueue: bool = True):
+        """(total, terms): total trains the student; terms (detached) hold every term, plus the
+        full-model ``hid``/``attn`` sums over ALL mapped layers present in ``targets`` (OPTIMA's
+        reward signal) whatever the arm."""
+        c = self.cfg
+        views = module_views(out)
+        if "" in views and len(self.modules_) == 1:
+            views = {self.modules_[0]: views[""]}
+        ref = next(iter(views.values())).hidden[-1]
+        total = ref.new_zeros(())
+        terms: dict[str, torch.Tensor] = {}
+        hid_all = ref.new_zeros(())
+        attn_all = ref.new_zeros(())
+        for m, v in views.items():
+            if m not in self.modules_:
+                continue
+            tm = m
+            trains = arm is None or m in arm
+            if c.feature_weight > 0:
+                for s, t in self.pairs[m]:
+                    key = f"hidden.{tm}.{t}"
+                    if key not in targets:
+                        continue
+                    term = feature_loss(v.hidden[s - 1], _t(targets[key], v.hidden[s - 1]), c.feature_kind,
+                                        mask=v.mask, projection=self.proj[f"{m}_{s}"])
+                    hid_all = hid_all + term.detach()
+                    if trains:
+                        total = total + c.feature_weight * term
+                        terms[f"hid.{m}"] = terms.get(f"hid.{m}", 0) + term.detach()
+            if c.attention_weight > 0 and v.attentions is not None:
+                term = self._attention(m, tm, v, targets)
+                if term is not None:
+                    attn_all = attn_all + term.detach()
+                    if trains:
+                        total = total + c.attention_weight * term
+                        terms[f"attn.{m}"] = term.detach()
+            if c.nce_weight > 0:
+                term = self._nce(m, tm, v, targets, enqueue)
+                total = total + c.nce_weight * term
+                terms[f"nce.{m}"] = term.detach()
+            if c.data2vec_weight > 0:
+                term = data2vec_loss(v.hidden, _t(targets[f"data2vec.{tm}"], v.hidden[-1]), eps=c.data2vec_eps,
+                                     mask=v.mask, projection=self.d2v_proj[m])
+                total = total + c.data2vec_weight * term
+                terms[f"data2vec.{m}"] = term.detach()
+        if c.logits_weight > 0 and out.logits is not None:
+            kd = self._logits(out.logits, targets)
             total = total + c.logits_weight * kd
-        terms = {k: v.detach() for k, v in terms.items()}
+            terms["kd"] = kd.detach()
+        if c.task_weight > 0 and labels is not None and out.logits is not None:
+            task = F.cross_entropy(out.logits.float(), labels.to(out.logits.device))
+            total = total + c.task_weight * task
+            terms["task"] = task.detach()
+        if c.feature_weight > 0:
+            terms["hid"] = hid_all
+        if c.attention_weight > 0:
+            terms["attn"] = attn_all
         return total, terms
+
+    def _attention(self, m, tm, v: ModuleView, targets):
+        c = self.cfg
+        if c.attention_kind == "per_head":
+            l_s = self.student_modules[m][0]
+            t = self.teacher_info[m].num_layers
+            key = f"attention.{tm}.{t}"
+            if key not in targets or v.attentions[l_s - 1] is None:
+                return None
+            return attention_mse_per_head(v.attentions[l_s - 1], _t(targets[key], v.attentions[l_s - 1]), mask=v.mask)
+        total, found = 0, False
+        for s, t in self.pairs[m]:
+            key = f"attention.{tm}.{t}"
+            a = v.attentions[s - 1]
+            if key in targets and a is not None:
+                total = total + attention_mse_head_mean(a, _t(targets[key], a[:, 0]), mask=v.mask)
+                found = True
+        return total if found else None
+
+    def _nce(self, m, tm, v: ModuleView, targets, enqueue: bool):
+        t_last = self.teacher_info[m].num_layers
+        teacher = _t(targets[f"hidden.{tm}.{t_last}"], v.hidden[-1])  # (B, T, D_t)
+        student = self.nce_proj[m](v.hidden[-1])  # (B, T, D_t)
+        queue = self.queues[m]
+        loss = token_nce(student, teacher, queue.negatives().to(student.device), tau=self.cfg.nce_tau,
+                         mask=v.mask, mean_pooled=self.cfg.nce_mean_pooled)
+        if enqueue and self.training:
+            if self.cfg.nce_mean_pooled:
+                from student_workers.losses import masked_mean_pool
+
+                queue.enqueue(masked_mean_pool(teacher, v.mask))
+            else:
+                queue.enqueue(teacher, mask=v.mask)
+        return loss
+
+    def _logits(self, logits, targets):
+        c = self.cfg
+        if c.logits_top_k:
+            return kd_kl_topk(logits, _t(targets["logits_topk.values"], logits),
+                              targets["logits_topk.indices"].to(logits.device), c.temperature)
+        z = _t(targets["logits"], logits)
+        if c.logits_loss == "soft_ce":
+            return soft_cross_entropy(logits, z, c.temperature)
+        if c.logits_loss == "mse":
+            return logits_mse(logits, z)
+        return kd_kl(logits, z, c.temperature)
 
 
 def _t(target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Teacher target on the student's device, float32, with a shape check that says what is wrong."""
-    if target.shape[:-1] != like.shape[:-1]:
+    if target.shape[:-1] != like.shape[:-1] and target.shape[0] != like.shape[0]:
         raise ValueError(
-            f"teacher target {tuple(target.shape)} and student output {tuple(like.shape)} differ in batch/tokens: "
+            f"teacher target {tuple(target.shape)} and student output {tuple(like.shape)} differ in batch: "
+            "teacher and student must see the same samples"
+        )
+    if target.dim() >= 3 and like.dim() >= 3 and target.shape[1] != like.shape[1]:
+        raise ValueError(
+            f"teacher target {tuple(target.shape)} and student output {tuple(like.shape)} differ in tokens: "
             "teacher and student must see the same tokens (same tokenizer / patch grid)"
         )
     return target.to(like.device, torch.float32)

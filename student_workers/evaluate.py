@@ -6,7 +6,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from student_workers.distiller import Distiller
+from student_workers.distiller import Distiller, module_views
 from student_workers.losses import masked_mean_pool
 
 
@@ -15,28 +15,35 @@ def agreement(distiller: Distiller, client, batches, spec, max_batches: int) -> 
     """Cosine of mean-pooled embeddings on the last mapped layer pair (student projected to the
     teacher's width), and top-1 agreement when logits are distilled."""
     distiller.eval()
-    cos, top1, n = 0.0, 0.0, 0
+    cos, top1, acc, n = 0.0, 0.0, 0.0, 0
     for batch in itertools.islice(batches, max_batches):
         inputs = {k: v for k, v in batch.items() if k in ("pixel_values", "input_ids", "attention_mask")}
         targets = client.get_targets(inputs, spec)
+        labels = batch.get("labels", batch.get("label"))
         out = distiller.student(inputs)
-        mask = out.token_mask
-        if distiller.pairs:
-            s, t = distiller.pairs[-1]
-            hs = distiller.proj[str(s)](out.hidden[s - 1])  # (B, T, D_t)
-            ht = targets[f"hidden.{distiller.module}.{t}"].float()  # (B, T, D_t)
+        view = next(iter(module_views(out).values()))
+        mask = view.mask
+        m = distiller.modules_list[0]
+        if distiller.pairs.get(m) and distiller.cfg.feature_weight > 0:
+            s, t = distiller.pairs[m][-1]
+            hs = distiller.proj[f"{m}_{s}"](view.hidden[s - 1])  # (B, T, D_t)
+            ht = targets[f"hidden.{m}.{t}"].float()  # (B, T, D_t)
             cos += F.cosine_similarity(masked_mean_pool(hs, mask), masked_mean_pool(ht, mask), dim=-1).sum().item()
         elif distiller.cfg.data2vec_weight > 0:
             from kdserve.targets import data2vec_target
 
-            y = distiller.d2v_proj(data2vec_target(out.hidden, distiller.cfg.data2vec_eps, mask))
-            t = targets[f"data2vec.{distiller.module}"].float()
+            y = distiller.d2v_proj[m](data2vec_target(view.hidden, distiller.cfg.data2vec_eps, mask))
+            t = targets[f"data2vec.{m}"].float()
             cos += F.cosine_similarity(masked_mean_pool(y, mask), masked_mean_pool(t, mask), dim=-1).sum().item()
         if "logits" in targets and out.logits is not None:
             top1 += (out.logits.argmax(-1) == targets["logits"].argmax(-1)).float().sum().item()
+        if labels is not None and out.logits is not None:
+            acc += (out.logits.argmax(-1) == labels).float().sum().item()
         n += next(iter(inputs.values())).shape[0]
     distiller.train()
     result = {"samples": n, "cosine": cos / max(n, 1)}
     if distiller.cfg.logits_weight > 0:
         result["top1_agreement"] = top1 / max(n, 1)
+    if acc:
+        result["accuracy"] = acc / max(n, 1)
     return result

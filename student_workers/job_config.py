@@ -30,10 +30,24 @@ class TeacherSection(Strict):
     )
 
 
+class OptimaSection(Strict):
+    """OPTIMA (methods.md section 7): a bandit picks which modules are distilled layerwise each round."""
+
+    enabled: bool = Field(False, description="Turn the module bandit on.")
+    delta: int = Field(20, ge=2, description="Training steps per round (Delta).")
+    measure_steps: int = Field(4, ge=1, description="Last steps of a round whose full-model losses score it "
+                               "(all modules' targets are requested on those steps only).")
+    gamma: float = Field(0.9, gt=0, lt=1, description="EMA factor of reward means (half-life ln0.5/ln gamma rounds).")
+    warmup_rounds: int = Field(1, ge=0, description="Rounds each arm is played first, in random order.")
+    seed: int = Field(0, description="Seed of the Thompson sampling.")
+    variance_scale: float = Field(1.0, gt=0, description="Scales the posterior variance 1/(n+1); 1 is the paper's.")
+
+
 class DistillSection(Strict):
+    modules: list[str] = Field(default_factory=list, description="Modules to distill (empty: every student module).")
     feature_weight: float = Field(1.0, ge=0, description="Weight of feature KD on the mapped layers (methods 2).")
     feature_kind: Literal["mse", "l1", "cosine"] = Field("mse", description="Feature distance.")
-    layer_map: Literal["uniform", "last", "explicit"] = Field(
+    layer_map: Literal["uniform", "last", "explicit", "all-average"] = Field(
         "uniform", description="Which student block regresses which teacher block (methods 6)."
     )
     layer_pairs: list[tuple[int, int]] = Field(
@@ -44,8 +58,21 @@ class DistillSection(Strict):
     )
     data2vec_eps: float = Field(1e-5, gt=0, description="eps of the Data2Vec instance/layer norms.")
     logits_weight: float = Field(0.0, ge=0, description="Weight of KL(teacher || student) on logits (methods 1).")
+    logits_loss: Literal["kl", "soft_ce", "mse"] = Field(
+        "kl", description="kl: T^2 KL (Hinton); soft_ce: CE with temperature (DistillVLM eq. 7); mse: raw logits."
+    )
     temperature: float = Field(2.0, gt=0, description="KD temperature T (the loss carries T^2).")
     logits_top_k: int = Field(0, ge=0, description="Request only the teacher's top-k logits (0: all).")
+    task_weight: float = Field(0.0, ge=0, description="Weight of the hard-label task loss (CE on data labels).")
+    attention_weight: float = Field(0.0, ge=0, description="Weight of attention-map distillation (methods 4).")
+    attention_kind: Literal["per_head", "head_mean"] = Field(
+        "head_mean", description="per_head: DistillVLM last-layer MSE; head_mean: OPTIMA per mapped layer."
+    )
+    nce_weight: float = Field(0.0, ge=0, description="Weight of token-wise NCE on the last layer (methods 5).")
+    nce_tau: float = Field(0.1, gt=0, description="NCE temperature.")
+    nce_queue_size: int = Field(4096, ge=1, description="Teacher embeddings kept as negatives (K).")
+    nce_mean_pooled: bool = Field(False, description="One NCE per sample on mean-pooled tokens instead of per token.")
+    optima: OptimaSection = Field(default_factory=OptimaSection)
 
 
 class DataSection(Strict):

@@ -53,6 +53,35 @@ def student_inputs(batch: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k in ("pixel_values", "input_ids", "attention_mask")}
 
 
+def batch_labels(batch: dict) -> torch.Tensor | None:
+    return batch.get("labels", batch.get("label"))
+
+
+class ArmPlan:
+    """Which modules each step distills, and which steps request FULL-model targets (OPTIMA).
+
+    Requests go out ``prefetch_depth`` steps ahead, so the spec of step s is chosen when step s is
+    requested: the last ``measure`` steps of every round ask for all modules (the round's reward is
+    measured on the full model there), every other step only for the arm being played. With
+    ``measure >= prefetch_depth`` the first steps of a new round always hold a superset of their arm.
+    """
+
+    def __init__(self, distiller, scheduler, dtype: str, delta: int, measure: int, start: int):
+        self.distiller, self.scheduler, self.dtype = distiller, scheduler, dtype
+        self.delta, self.measure, self.next_step = delta, measure, start
+
+    def is_measured(self, step: int) -> bool:
+        return self.scheduler is not None and step % self.delta >= self.delta - self.measure
+
+    def arm(self) -> tuple[str, ...] | None:
+        return None if self.scheduler is None else tuple(self.scheduler.current_arm())
+
+    def spec_for_next(self):
+        step, self.next_step = self.next_step, self.next_step + 1
+        arm = None if self.is_measured(step) else self.arm()
+        return self.distiller.target_spec(self.dtype, arm)
+
+
 def lr_at(step: int, cfg: JobConfig) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     t = cfg.train
@@ -84,8 +113,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                max_retries=cfg.teacher.max_retries)
     info = client.describe()
     distiller = Distiller(build_student(cfg.student), cfg.distill, info)
-    spec = distiller.target_spec(cfg.teacher.target_dtype)
     opt = torch.optim.AdamW(distiller.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = make_scheduler(cfg, distiller)
 
     start = 0
     ckpt = ray.train.get_checkpoint()
@@ -99,6 +128,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         distiller.load_state_dict(state["distiller"])
         opt.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["optima"])
         start = state["step"]
     model = ray.train.torch.prepare_model(distiller, parallel_strategy_kwargs={"find_unused_parameters": True})
     device = ray.train.torch.get_device()
@@ -112,7 +143,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     size = _image_size(info)
     source = batches(cfg, rank, world, epoch0=start)
-    pre = Prefetcher(source, lambda b: (teacher_inputs(b, size), spec), client, depth=cfg.teacher.prefetch_depth,
+    o = cfg.distill.optima
+    plan = ArmPlan(distiller, scheduler, cfg.teacher.target_dtype, o.delta,
+                   max(o.measure_steps, cfg.teacher.prefetch_depth), start)
+    rounds_log = run_dir / "optima.jsonl"
+    pre = Prefetcher(source, lambda b: (teacher_inputs(b, size), plan.spec_for_next()), client,
+                     depth=cfg.teacher.prefetch_depth,
                      timeout=cfg.teacher.timeout_s * (cfg.teacher.max_retries + 1) + 10, name=address)
     t_log, wait_log, n_log, sums = time.perf_counter(), 0.0, 0, {}
     last_metrics: dict = {}
@@ -122,12 +158,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             inputs = {k: v.to(device) for k, v in student_inputs(batch).items()}
-            total, terms = model(inputs, targets)
+            total, terms = model(inputs, targets, batch_labels(batch), plan.arm())
             opt.zero_grad(set_to_none=True)
             total.backward()
             if cfg.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             opt.step()
+            if plan.is_measured(step):
+                record = scheduler.step_end({k: float(terms[k]) if k in terms else 0.0
+                                             for k in scheduler.loss_keys})
+                if record and rank == 0:
+                    log_round(rounds_log, record, done_step=step + 1)
             n_log += 1
             for k, v in {"loss": total.detach(), **terms}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -151,7 +192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 t_log, wait_log, n_log, sums = now, pre.total_wait_s, 0, {}
                 last_metrics = metrics
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-                _report(ray.train, Checkpoint, distiller, opt, done, info.fingerprint, rank,
+                _report(ray.train, Checkpoint, distiller, opt, scheduler, done, info.fingerprint, rank,
                         {**last_metrics, "resumed_from": start})
     finally:
         pre.close()
@@ -160,7 +201,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             writer.close()
 
 
-def _report(train, Checkpoint, distiller, opt, step: int, fingerprint: str, rank: int, metrics: dict) -> None:
+def make_scheduler(cfg: JobConfig, distiller):
+    """The OPTIMA bandit over the distilled modules, or None. One round closes after its
+    ``measure`` measured steps (see ArmPlan), so the scheduler's own round length is that."""
+    o = cfg.distill.optima
+    if not o.enabled:
+        return None
+    from student_workers.optima import OptimaScheduler
+
+    keys = tuple(k for k, w in (("kd", cfg.distill.logits_weight), ("hid", cfg.distill.feature_weight),
+                                ("attn", cfg.distill.attention_weight)) if w > 0)
+    if not keys:
+        raise ValueError("distill.optima needs at least one of logits_weight, feature_weight, attention_weight > 0")
+    measure = max(o.measure_steps, cfg.teacher.prefetch_depth)
+    if measure >= o.delta:
+        raise ValueError(f"distill.optima.delta ({o.delta}) must exceed measure_steps/prefetch_depth ({measure})")
+    return OptimaScheduler(distiller.modules_list, delta=measure, gamma=o.gamma, warmup_rounds=o.warmup_rounds,
+                           seed=o.seed, loss_keys=keys, variance_scale=o.variance_scale)
+
+
+def log_round(path: Path, record: dict, done_step: int) -> None:
+    """One JSON line per OPTIMA round (python -m student_workers.plot_optima reads it)."""
+    from student_workers.optima import record_to_json
+
+    rec = {**record, "step": done_step}
+    with path.open("a") as f:
+        f.write(record_to_json(rec) + "\n")
+    print(f"[optima] round {rec['round']} arm {'+'.join(rec['arm'])} reward "
+          f"{rec['reward'] if rec['reward'] is None else round(rec['reward'], 4)}", flush=True)
+
+
+def _report(train, Checkpoint, distiller, opt, scheduler, step: int, fingerprint: str, rank: int,
+            metrics: dict) -> None:
     """Every rank reports (Ray Train syncs on it); rank 0 attaches the checkpoint."""
     metrics = {**metrics, "step": step}
     if rank != 0:
@@ -168,5 +240,6 @@ def _report(train, Checkpoint, distiller, opt, step: int, fingerprint: str, rank
         return
     with tempfile.TemporaryDirectory() as d:
         torch.save({"distiller": distiller.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "fingerprint": fingerprint}, os.path.join(d, CKPT_FILE))
+                    "fingerprint": fingerprint, "optima": scheduler.state_dict() if scheduler else None},
+                   os.path.join(d, CKPT_FILE))
         train.report(metrics, checkpoint=Checkpoint.from_directory(d))

@@ -98,6 +98,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         num_replicas=cfg.num_replicas,
         max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        # one access-log line per target request would drown the students' progress lines
+        logging_config={"enable_access_log": False},
     )
     return deployment.bind(cfg.model_dump())
 

@@ -1,0 +1,155 @@
+"""Distiller: the spec it asks for, the combined loss, its state in checkpoints, resume equivalence.
+
+Targets come from a real (tiny, random-init) BERT teacher engine, the way the server computes them.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kdserve.config import build
+from student_workers.distiller import Distiller
+from student_workers.job_config import DistillSection, JobConfig
+from student_workers.losses import attention_mse_head_mean, feature_loss, token_nce
+from student_workers.students import build_student
+from student_workers.train import ArmPlan, make_scheduler
+from teacher_server.config import TeacherConfig
+from teacher_server.engine import TeacherEngine, Work
+from teacher_server.service import TeacherService
+from teacher_server.spec import resolve_spec
+
+TEACHER = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+               max_position_embeddings=32)
+STUDENT = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=100,
+               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,  # two forwards must agree
+               max_position_embeddings=32)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return TeacherEngine.from_config(TeacherConfig(model="hf:bert", pretrained=False, model_kwargs=TEACHER))
+
+
+@pytest.fixture(scope="module")
+def info(teacher):
+    return TeacherService(teacher).describe()
+
+
+def batch(seed: int, b: int = 4, t: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 100, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.int64)
+    mask[0, 5:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def targets_for(teacher, info, spec, inputs):
+    (out,), _ = teacher.run([Work(inputs, resolve_spec(spec, teacher.modules, teacher.num_classes))])
+    return out
+
+
+def make(info, seed=0, **distill):
+    torch.manual_seed(seed)
+    student = build_student({"kind": "hf_text", "name": "bert", "kwargs": STUDENT})
+    return Distiller(student, build(DistillSection, distill), info)
+
+
+def test_spec_asks_only_for_what_the_losses_need(info):
+    d = make(info, feature_weight=1.0, attention_weight=1.0, attention_kind="head_mean", nce_weight=1.0)
+    spec = d.target_spec()
+    assert [(s.module, list(s.layers)) for s in spec.hidden] == [("text", [2, 4])]  # uniform map 1->2, 2->4
+    assert [(s.module, list(s.layers)) for s in spec.attention] == [("text", [2, 4])]
+    assert spec.attention_reduction == "head_mean"
+    # an arm without this module: only the NCE target (last layer) remains
+    spec = d.target_spec(arm=())
+    assert [(s.module, list(s.layers)) for s in spec.hidden] == [("text", [4])] and not spec.attention
+    d2 = make(info, feature_weight=0.0, data2vec_weight=1.0)
+    assert d2.target_spec().hidden_reduction == "data2vec"
+
+
+def test_total_is_the_weighted_sum_of_independent_terms(teacher, info):
+    d = make(info, feature_weight=2.0, attention_weight=3.0, attention_kind="head_mean", nce_weight=0.5,
+             nce_queue_size=16)
+    inputs = batch(1)
+    tg = targets_for(teacher, info, d.target_spec(), inputs)
+    d.queues["text"].enqueue(torch.randn(10, 32))
+    negatives = d.queues["text"].negatives().clone()
+    total, terms = d(inputs, tg)
+    out = d.student(inputs, need_attention={1, 2})
+    mask = inputs["attention_mask"]
+    feat = sum(feature_loss(out.hidden[s - 1], tg[f"hidden.text.{t}"], "mse", mask=mask, projection=d.proj[f"text_{s}"])
+               for s, t in [(1, 2), (2, 4)])
+    attn = sum(attention_mse_head_mean(out.attentions[s - 1], tg[f"attention.text.{t}"], mask=mask)
+               for s, t in [(1, 2), (2, 4)])
+    nce = token_nce(d.nce_proj["text"](out.hidden[-1]), tg["hidden.text.4"], negatives, tau=0.1, mask=mask)
+    torch.testing.assert_close(total, 2.0 * feat + 3.0 * attn + 0.5 * nce, rtol=1e-5, atol=1e-6)
+    assert set(terms) >= {"hid.text", "attn.text", "nce.text", "hid", "attn"}
+    # NCE enqueued this batch's real teacher tokens (6 + 3x7 = 27 > 16: the queue is full)
+    assert len(d.queues["text"]) == 16
+
+
+def test_gradients_reach_student_and_heads_only(teacher, info):
+    d = make(info, feature_weight=1.0, nce_weight=1.0, nce_queue_size=8)
+    inputs = batch(2)
+    tg = targets_for(teacher, info, d.target_spec(), inputs)
+    total, _ = d(inputs, tg)
+    total.backward()
+    assert all(p.grad is not None for p in d.proj.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.student.parameters())
+    assert not any(t.requires_grad for t in tg.values() if torch.is_tensor(t))
+
+
+def test_layer_map_past_the_teacher_is_a_config_error(info):
+    with pytest.raises(ValueError, match=r"module 'text' \(teacher has 4 blocks\)"):
+        make(info, layer_map="explicit", layer_pairs=[(1, 2), (2, 9)])
+    with pytest.raises(ValueError, match="head counts"):
+        torch.manual_seed(0)
+        student = build_student({"kind": "hf_text", "name": "bert", "kwargs": {**STUDENT, "num_attention_heads": 4}})
+        Distiller(student, build(DistillSection, {"attention_weight": 1.0, "attention_kind": "per_head"}), info)
+
+
+def _job(**distill):
+    return build(JobConfig, {"distill": distill, "teacher": {"prefetch_depth": 1}})
+
+
+def _step(d, opt, plan, scheduler, teacher, info, step):
+    inputs = batch(100 + step)
+    tg = targets_for(teacher, info, plan.spec_for_next(), inputs)
+    total, terms = d(inputs, tg, arm=plan.arm())
+    opt.zero_grad()
+    total.backward()
+    opt.step()
+    if plan.is_measured(step):
+        scheduler.step_end({k: float(terms.get(k, 0.0)) for k in scheduler.loss_keys})
+    return total.item()
+
+
+def test_resume_continues_exactly_with_queue_and_bandit_state(teacher, info):
+    """Save after 5 steps, restore into fresh objects: step 6 equals the uninterrupted run's."""
+    job = _job(feature_weight=1.0, attention_weight=1.0, nce_weight=1.0, nce_queue_size=32,
+               optima={"enabled": True, "delta": 3, "measure_steps": 1, "warmup_rounds": 1})
+
+    def fresh():
+        d = make(info, **job.distill.model_dump())
+        opt = torch.optim.AdamW(d.parameters(), lr=1e-2)
+        sched = make_scheduler(job, d)
+        return d, opt, sched
+
+    d, opt, sched = fresh()
+    plan = ArmPlan(d, sched, "float32", 3, 1, 0)
+    for step in range(5):
+        _step(d, opt, plan, sched, teacher, info, step)
+    state = copy.deepcopy({"distiller": d.state_dict(), "optimizer": opt.state_dict(), "optima": sched.state_dict()})
+    uninterrupted = _step(d, opt, plan, sched, teacher, info, 5)
+
+    d2, opt2, sched2 = fresh()
+    d2.load_state_dict(state["distiller"])
+    opt2.load_state_dict(state["optimizer"])
+    sched2.load_state_dict(state["optima"])
+    assert torch.equal(d2.queues["text"].queue, state["distiller"]["queues.text.queue"])
+    plan2 = ArmPlan(d2, sched2, "float32", 3, 1, 5)
+    resumed = _step(d2, opt2, plan2, sched2, teacher, info, 5)
+    assert resumed == pytest.approx(uninterrupted, rel=1e-5)
+    assert sched2.current_arm() == sched.current_arm()

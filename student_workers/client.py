@@ -1,8 +1,9 @@
 """Student-side client of the shared teacher: ``TeacherClient`` (asyncio) and ``SyncTeacherClient``.
 
 A student training asks the teacher for distillation targets once per step; the client hides the
-transport (gRPC today, Triton later: ``Transport``), and makes the failure modes of a shared,
-remote teacher explicit instead of silent:
+transport (``Transport``, picked by the address scheme: ``grpc://`` for the gRPC and Ray Serve
+frontends, ``triton://`` for Triton, see ``student_workers.triton_transport``), and makes the
+failure modes of a shared, remote teacher explicit instead of silent:
 
 * transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) are retried with exponential backoff and
   jitter, and the channel is rebuilt after UNAVAILABLE (the server may have been restarted);
@@ -18,6 +19,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures
+import importlib
 import os
 import random
 import threading
@@ -115,16 +117,22 @@ def split_address(address: str) -> tuple[str, str]:
     return scheme.lower(), rest
 
 
+# Transports in modules with optional dependencies, imported when their scheme is first used.
+LAZY_TRANSPORTS = {"triton": "student_workers.triton_transport"}
+
+
 def make_transport(address: str, **kwargs: Any) -> Transport:
     """The transport registered for the address's scheme (``register("transport", <scheme>)``)."""
     scheme, _ = split_address(address)
+    if scheme in LAZY_TRANSPORTS and scheme not in registry.names("transport"):
+        importlib.import_module(LAZY_TRANSPORTS[scheme])  # registers itself
     try:
         cls = registry.get("transport", scheme)
     except KeyError:
-        known = ", ".join(f"{s}://" for s in registry.names("transport"))
+        known = ", ".join(f"{s}://" for s in sorted({*registry.names("transport"), *LAZY_TRANSPORTS}))
         raise ValueError(
             f"teacher address {address!r}: scheme {scheme!r} is not supported by this transport; "
-            f"supported schemes: {known} (e.g. grpc://host:50051 or grpc://host:9000/<serve app>)"
+            f"supported schemes: {known} (e.g. grpc://host:50051, grpc://host:9000/<serve app>, triton://host:8001/<model>)"
         ) from None
     return cls.from_address(address, **kwargs)
 

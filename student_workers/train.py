@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,13 @@ from student_workers.prefetch import Prefetcher, align_images
 from student_workers.students import build_student
 
 CKPT_FILE = "state.pt"
+
+
+def say(line: str) -> None:
+    """One progress line. Not print(): Ray Train patches print in workers to log AND echo it,
+    which shows every line twice on the driver."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def batches(cfg: JobConfig, rank: int, world: int, epoch0: int = 0) -> Iterator[dict[str, torch.Tensor]]:
@@ -182,9 +190,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                teacher_wait_s=waited)
                 if rank == 0:
                     terms_s = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("step", "lr", "samples_per_s", "teacher_wait_s", "resumed_from"))
-                    print(f"[{cfg.run.name}] step {done:5d}/{cfg.train.steps} {terms_s} | "
-                          f"{metrics['samples_per_s']:.0f} samples/s | waited on teacher {waited:.2f}s "
-                          f"of {now - t_log:.2f}s", flush=True)
+                    say(f"[{cfg.run.name}] step {done:5d}/{cfg.train.steps} {terms_s} | "
+                        f"{metrics['samples_per_s']:.0f} samples/s | waited on teacher {waited:.2f}s "
+                        f"of {now - t_log:.2f}s")
                     for k, v in metrics.items():
                         if k != "step":
                             writer.add_scalar(f"train/{k}", v, done)
@@ -227,8 +235,8 @@ def log_round(path: Path, record: dict, done_step: int) -> None:
     rec = {**record, "step": done_step}
     with path.open("a") as f:
         f.write(record_to_json(rec) + "\n")
-    print(f"[optima] round {rec['round']} arm {'+'.join(rec['arm'])} reward "
-          f"{rec['reward'] if rec['reward'] is None else round(rec['reward'], 4)}", flush=True)
+    say(f"[optima] round {rec['round']} arm {'+'.join(rec['arm'])} reward "
+        f"{rec['reward'] if rec['reward'] is None else round(rec['reward'], 4)}")
 
 
 def _report(train, Checkpoint, distiller, opt, scheduler, step: int, fingerprint: str, rank: int,

@@ -280,8 +280,8 @@ def test_addresses():
     t = GrpcTransport.from_address("10.0.0.2:50051")
     assert (t.target, t.application, t.metadata, t.address) == ("10.0.0.2:50051", "", (), "grpc://10.0.0.2:50051")
     assert GrpcTransport.from_address("grpc://[::1]:50051").target == "[::1]:50051"
-    with pytest.raises(ValueError, match=r"scheme 'triton' is not supported by this transport"):
-        TeacherClient("triton://host:8001/model")
+    with pytest.raises(ValueError, match=r"scheme 'ftp' is not supported"):
+        TeacherClient("ftp://host:21/model")
     with pytest.raises(ValueError, match="not supported"):
         connect("http://host:8000")
     with pytest.raises(ValueError, match="needs a host and a port"):

@@ -1,0 +1,81 @@
+"""The teacher on NVIDIA Triton Inference Server (Python backend), serving the same targets.
+
+Triton's tensors are named and fixed per model config, while kdserve's ``TargetSpec`` is per
+request. The mapping (one wire format across frontends):
+
+Inputs
+    The teacher's own inputs with their declared dtypes and sample shapes (``pixel_values``
+    FP32 ``[-1, 3, H, W]``; ``input_ids`` / ``attention_mask`` INT64 ``[-1, -1]``), so Triton
+    validates dtypes and image sizes itself and ``perf_analyzer`` & co. see a normal model; plus
+    ``request`` (BYTES, one element per sample): row i is a serialized ``kdserve.v1.TargetsRequest``
+    WITHOUT tensors, holding the ``spec`` and ``experiment_id`` (the same in every row) and sample
+    i's key in ``sample_keys`` (or none). One row per sample because Triton gives every input of a
+    batching model the request's batch dimension; a request carries one spec, and requests with
+    different specs are batched by Triton and answered separately.
+
+Output
+    ``targets`` (BYTES, one element per sample): row i is a serialized ``kdserve.v1.TargetsReply``
+    holding sample i's outputs (``sample_offset`` = i, ``num_chunks`` = B), exactly the chunks
+    ``StreamTargets`` would send with one sample per chunk. A fixed set of named Triton outputs
+    cannot carry what a spec chooses per request (which layers, reductions, dtype, int8 scales)
+    nor the fingerprint; a serialized reply carries all of it, is produced by the SAME
+    ``TeacherService`` code as the gRPC and Ray Serve frontends, and the client turns the rows
+    back into one reply by joining each tensor's bytes (still one ``frombuffer`` per tensor).
+
+Describe
+    ``TeacherInfo`` (fingerprint included) is the model config parameter ``kdserve.teacher_info``
+    (JSON), written by the repository generator, which loads the teacher once to learn its inputs
+    and fingerprint. ``model.py`` refuses to load when the weights it loads have another
+    fingerprint, so the config cannot describe a different teacher than the one answering, and
+    every reply still carries the live fingerprint. A client reads it with Triton's model-config
+    call (``GET /v2/models/<name>/config``): no inference queue, no extra model.
+
+Errors
+    The messages of ``TeacherService`` / ``teacher_server.spec`` (the same validation code),
+    answered as per-request Triton errors: INVALID_ARGUMENT for bad requests; Triton has no
+    RESOURCE_EXHAUSTED, so size-limit errors travel as INVALID_ARGUMENT with the message prefixed
+    ``RESOURCE_EXHAUSTED:``, and the student transport restores the code
+    (``student_workers.triton_transport.status_code``).
+
+Streaming
+    Triton has no StreamTargets; a request with the Triton request parameter ``kdserve_stream``
+    true skips the ``max_reply_bytes`` check (the answer is still one Triton response, bounded by
+    Triton's ~2 GiB message limit).
+
+Modules: ``repository`` (generator, ``python -m teacher_server.triton``), ``model`` (the Python
+backend model, copied into the repository), ``launch`` (start a local ``tritonserver``).
+"""
+from __future__ import annotations
+
+MODEL_NAME = "kdserve_teacher"
+REQUEST_INPUT = "request"
+TARGETS_OUTPUT = "targets"
+INFO_PARAMETER = "kdserve.teacher_info"
+STREAM_PARAMETER = "kdserve_stream"
+SIDECAR = "kdserve.json"
+# Triton's codes lack RESOURCE_EXHAUSTED: such errors are INVALID_ARG with this prefix.
+RESOURCE_EXHAUSTED_TAG = "RESOURCE_EXHAUSTED: "
+
+# kdserve dtype name <-> Triton datatype (the names of the KServe v2 protocol).
+TRITON_DTYPES = {
+    "float32": "FP32",
+    "float16": "FP16",
+    "bfloat16": "BF16",
+    "int8": "INT8",
+    "uint8": "UINT8",
+    "int32": "INT32",
+    "int64": "INT64",
+}
+KDSERVE_DTYPES = {v: k for k, v in TRITON_DTYPES.items()}
+
+__all__ = [
+    "INFO_PARAMETER",
+    "KDSERVE_DTYPES",
+    "MODEL_NAME",
+    "REQUEST_INPUT",
+    "RESOURCE_EXHAUSTED_TAG",
+    "SIDECAR",
+    "STREAM_PARAMETER",
+    "TARGETS_OUTPUT",
+    "TRITON_DTYPES",
+]

@@ -1,0 +1,234 @@
+"""Run a local ``tritonserver`` (the one bundled in the ``nvidia-pytriton`` wheel) on a repository.
+
+    with run_tritonserver("./model_repository", grpc_port=8001) as server:
+        ...  # students use triton://127.0.0.1:{server.grpc_port}/kdserve_teacher
+
+What it takes to run the wheel's binary outside PyTriton (docs/platform-notes, Triton section):
+
+* a backend directory ``<dir>/python/`` holding ``libtriton_python.so``,
+  ``triton_python_backend_utils.py`` and the ``triton_python_backend_stub`` built for THIS
+  interpreter's Python version (the wheel ships one per version): symlinked into a temp dir;
+* ``LD_LIBRARY_PATH`` starting with this interpreter's LIBDIR (else the stub may load the
+  system's libpython of another patch release and fail), then the wheel's ``nvidia_pytriton.libs``;
+* this interpreter's ``bin`` first on PATH, so the stub runs the same Python environment.
+
+The official Triton image needs none of this: run its ``tritonserver`` on the repository.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+
+class TritonNotFound(FileNotFoundError):
+    """No tritonserver binary (the ``triton`` extra is not installed)."""
+
+
+class TritonStartError(RuntimeError):
+    """tritonserver exited or its models did not become ready in time (the message has its log)."""
+
+
+def pytriton_dir() -> Path:
+    """``site-packages/pytriton/tritonserver`` of the installed nvidia-pytriton wheel."""
+    try:
+        import pytriton
+    except ImportError:
+        raise TritonNotFound(
+            "tritonserver not found: the nvidia-pytriton wheel that ships it is not installed "
+            "(pip install 'kdserve[triton]'; Linux x86_64/aarch64, glibc >= 2.35), or use the official "
+            "Triton image (see README, 'Triton')"
+        ) from None
+    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    if not (root / "bin" / "tritonserver").is_file():
+        raise TritonNotFound(f"nvidia-pytriton is installed but {root}/bin/tritonserver is missing")
+    return root
+
+
+def find_tritonserver() -> Path:
+    return pytriton_dir() / "bin" / "tritonserver"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def prepare_backends(dest: Path, root: Path | None = None) -> Path:
+    """``dest/python/`` with the Python backend and the stub for this interpreter; returns ``dest``."""
+    root = root or pytriton_dir()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        have = sorted(p.name for p in (root / "python_backend_stubs").iterdir())
+        raise TritonNotFound(f"the pytriton wheel has no Python backend stub for Python {version} (has {have})")
+    py = dest / "python"
+    py.mkdir(parents=True, exist_ok=True)
+    for src in (root / "backends/python/libtriton_python.so",
+                root / "backends/python/triton_python_backend_utils.py", stub):
+        link = py / src.name
+        if not link.exists():
+            link.symlink_to(src)
+    return dest
+
+
+def server_env(root: Path | None = None, base: dict | None = None) -> dict[str, str]:
+    """Environment for the bundled tritonserver and its Python stubs (see the module docstring)."""
+    root = root or pytriton_dir()
+    env = dict(os.environ if base is None else base)
+    libs = [sysconfig.get_config_var("LIBDIR") or "", str(root.parent.parent / "nvidia_pytriton.libs")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([p for p in libs if p] + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("KDSERVE_PROJECT_PATH", str(Path(__file__).resolve().parents[2]))
+    return env
+
+
+@dataclass
+class TritonServer:
+    """A running tritonserver: its ports, process and log file."""
+
+    process: subprocess.Popen
+    grpc_port: int
+    http_port: int
+    metrics_port: int
+    log_path: Path
+    models: list[str] = field(default_factory=list)
+
+    def address(self, model: str = "", host: str = "127.0.0.1") -> str:
+        """``triton://host:grpc_port/<model>`` (the first model of the repository by default)."""
+        return f"triton://{host}:{self.grpc_port}/{model or self.models[0]}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def wait(self) -> int:
+        return self.process.wait()
+
+
+def repository_models(repo: Path) -> list[str]:
+    return sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
+
+
+def wait_ready(server: TritonServer, timeout: float) -> None:
+    """Poll Triton's gRPC health API until the server and every model are ready."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    deadline = time.monotonic() + timeout
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    try:
+        while True:
+            if server.process.poll() is not None:
+                raise TritonStartError(
+                    f"tritonserver exited with code {server.process.returncode} before it was ready; "
+                    f"log ({server.log_path}):\n{server.log_tail()}"
+                )
+            with contextlib.suppress(InferenceServerException):
+                if client.is_server_ready(client_timeout=2) and all(
+                    client.is_model_ready(m, client_timeout=2) for m in server.models
+                ):
+                    return
+            if time.monotonic() > deadline:
+                raise TritonStartError(
+                    f"tritonserver was not ready with models {server.models} within {timeout:.0f} s; "
+                    f"log ({server.log_path}):\n{server.log_tail()}"
+                )
+            time.sleep(0.25)
+    finally:
+        client.close()
+
+
+def stop(process: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM (Triton unloads its models and stops its stubs); after ``grace`` s, SIGKILL its group.
+
+    The server runs in its own session (start_new_session), so its process group holds only it
+    and its Python stubs; it is killed while the server is still alive, so the group id is ours.
+    """
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def run_tritonserver(
+    repo: str | Path,
+    grpc_port: int = 0,
+    http_port: int = 0,
+    metrics_port: int = 0,
+    *,
+    host: str = "127.0.0.1",
+    timeout: float = 180.0,
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    log_to_console: bool = False,
+) -> Iterator[TritonServer]:
+    """Start tritonserver on ``repo``, wait until it and its models are ready, stop it on exit.
+
+    Ports 0 pick free ones. Raises ``TritonNotFound`` without the binary and ``TritonStartError``
+    (with the server's log) when it exits or is not ready within ``timeout`` seconds. ``env``:
+    extra environment of the server and its model stubs (e.g. ``OMP_NUM_THREADS``).
+    """
+    repo = Path(repo).resolve()
+    models = repository_models(repo)
+    if not models:
+        raise FileNotFoundError(f"{repo} holds no model (no */config.pbtxt); write one with python -m teacher_server.triton")
+    root = pytriton_dir()
+    grpc_port, http_port, metrics_port = (p or free_port() for p in (grpc_port, http_port, metrics_port))
+    with tempfile.TemporaryDirectory(prefix="kdserve-triton-") as tmp:
+        backends = prepare_backends(Path(tmp) / "backends", root)
+        log_path = Path(tmp) / "tritonserver.log"
+        cmd = [
+            str(root / "bin" / "tritonserver"),
+            f"--model-repository={repo}",
+            f"--backend-directory={backends}",
+            f"--grpc-address={host}", f"--grpc-port={grpc_port}",
+            f"--http-address={host}", f"--http-port={http_port}",
+            f"--metrics-address={host}", f"--metrics-port={metrics_port}",
+            "--exit-timeout-secs=10",
+            *extra_args,
+        ]
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                cmd, env={**server_env(root), **(env or {})}, stdin=subprocess.DEVNULL,
+                stdout=None if log_to_console else log, stderr=subprocess.STDOUT if not log_to_console else None,
+                start_new_session=True,
+            )
+        server = TritonServer(process, grpc_port, http_port, metrics_port, log_path, models)
+        try:
+            wait_ready(server, timeout)
+            yield server
+        finally:
+            stop(process)
+
+
+__all__ = [
+    "TritonNotFound",
+    "TritonServer",
+    "TritonStartError",
+    "find_tritonserver",
+    "prepare_backends",
+    "run_tritonserver",
+    "server_env",
+]

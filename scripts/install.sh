@@ -32,4 +32,16 @@ if [ ! -f /usr/share/wordnet/data.noun ]; then
     echo "[install] note: run 'sudo apt-get install wordnet-base' for the text quickstart's sentences"
   fi
 fi
+
+# Image-caption pairs for the vision-language (CoCa) models: Noto emoji PNGs + names from npm.
+EMOJI_PREFIX="$HOME/.cache/kdserve/emoji"  # where student_workers/data_emoji.py looks by default
+if [ ! -f "$EMOJI_PREFIX/node_modules/emoji-datasource-google/emoji.json" ]; then
+  if command -v npm >/dev/null; then
+    echo "[install] emoji-datasource-google (npm, into $EMOJI_PREFIX)"
+    npm install --prefix "$EMOJI_PREFIX" --no-audit --no-fund -s emoji-datasource-google \
+      || echo "[install] warning: could not install emoji-datasource-google; the emoji dataset needs it"
+  else
+    echo "[install] note: install Node.js/npm, then 'npm install --prefix ~/.cache/kdserve/emoji emoji-datasource-google' for the emoji dataset"
+  fi
+fi
 echo "[install] done: $($VENV/bin/python -c 'import torch, ray, timm; print("torch", torch.__version__, "ray", ray.__version__, "timm", timm.__version__)')"

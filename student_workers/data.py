@@ -458,3 +458,4 @@ def shard(dataset: Dataset, rank: int, world_size: int, even: bool = False) -> D
     if even:
         n -= n % world_size
     return Shard(dataset, list(range(rank, n, world_size)))
+from student_workers import data_emoji  # noqa: E402,F401  (registers the "emoji" dataset)

@@ -452,3 +452,4 @@ def hf_text(cfg: StudentConfig) -> HFTextStudent:
     elif cfg.init_layers is not None:
         raise ValueError("init_layers needs init_from (the model to copy the layers from)")
     return HFTextStudent(model, cfg.num_classes)
+from student_workers import students_coca  # noqa: E402,F401  (registers the "coca" student)

@@ -38,7 +38,7 @@ def say(line: str) -> None:
 def batches(cfg: JobConfig, rank: int, world: int, epoch0: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches of this worker's shard, one epoch after another."""
     ds = shard(build_dataset(cfg.data.dataset, **cfg.data.kwargs), rank, world, even=True)
-    collate = collate_text(cfg.data.tokenizer, cfg.data.max_length) if cfg.student.kind == "hf_text" else None
+    collate = make_collate(cfg)
     epoch = epoch0
     while True:
         if hasattr(ds, "set_epoch"):
@@ -50,11 +50,24 @@ def batches(cfg: JobConfig, rank: int, world: int, epoch0: int = 0) -> Iterator[
         epoch += 1
 
 
+def make_collate(cfg: JobConfig):
+    """Text datasets are tokenized with the TEACHER's tokenizer; image-caption datasets give both."""
+    if cfg.data.dataset == "emoji":
+        from student_workers.data_emoji import collate_image_text
+
+        return collate_image_text(cfg.data.tokenizer, cfg.data.max_length)
+    if cfg.student.kind == "hf_text":
+        return collate_text(cfg.data.tokenizer, cfg.data.max_length)
+    return None
+
+
 def teacher_inputs(batch: dict, teacher_image_size: tuple[int, int] | None) -> dict[str, torch.Tensor]:
-    """Exactly the view the student trains on (resized to the teacher's size when they differ)."""
-    if "pixel_values" in batch:
-        return {"pixel_values": align_images(batch["pixel_values"], teacher_image_size)}
-    return {k: batch[k] for k in ("input_ids", "attention_mask")}
+    """Exactly the view and tokens the student trains on (images resized to the teacher's size
+    when they differ): DistillVLM's input alignment."""
+    out = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    if "pixel_values" in batch and teacher_image_size is not None:
+        out["pixel_values"] = align_images(batch["pixel_values"], teacher_image_size)
+    return out
 
 
 def student_inputs(batch: dict) -> dict[str, torch.Tensor]:

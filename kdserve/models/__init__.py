@@ -1,0 +1,18 @@
+"""Models shared by the teacher server and the students (pure torch)."""
+from kdserve.models.coca import (  # noqa: F401
+    CROSS,
+    DEFAULT_WEIGHTS,
+    MODULES,
+    TINY,
+    CoCaConfig,
+    CoCaModel,
+    CoCaOutput,
+    build_config,
+    caption_loss,
+    caption_loss_sparse,
+    coca_loss,
+    contrastive_loss,
+    load_checkpoint,
+    save_checkpoint,
+    uniform_layers,
+)

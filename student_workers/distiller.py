@@ -109,6 +109,12 @@ class Distiller(nn.Module):
     def modules_list(self) -> list[str]:
         return list(self.modules_)
 
+    @property
+    def needs_teacher(self) -> bool:
+        """False for the no-KD baseline (task loss only): no request is sent at all."""
+        c = self.cfg
+        return any((c.feature_weight, c.data2vec_weight, c.logits_weight, c.attention_weight, c.nce_weight))
+
     # -- what to request ---------------------------------------------------------------------
     def target_spec(self, dtype: str = "float32", arm: tuple[str, ...] | None = None) -> pb.TargetSpec:
         """Only what this step's losses need crosses the wire (``arm``: modules trained layerwise)."""

@@ -15,16 +15,16 @@ def agreement(distiller: Distiller, client, batches, spec, max_batches: int) -> 
     """Cosine of mean-pooled embeddings on the last mapped layer pair (student projected to the
     teacher's width), and top-1 agreement when logits are distilled."""
     distiller.eval()
-    cos, top1, acc, n = 0.0, 0.0, 0.0, 0
+    cos, top1, acc, n, labelled = 0.0, 0.0, 0.0, 0, False
     for batch in itertools.islice(batches, max_batches):
         inputs = {k: v for k, v in batch.items() if k in ("pixel_values", "input_ids", "attention_mask")}
-        targets = client.get_targets(inputs, spec)
+        targets = client.get_targets(inputs, spec) if distiller.needs_teacher else {}
         labels = batch.get("labels", batch.get("label"))
         out = distiller.student(inputs)
         view = next(iter(module_views(out).values()))
         mask = view.mask
         m = distiller.modules_list[0]
-        if distiller.pairs.get(m) and distiller.cfg.feature_weight > 0:
+        if distiller.pairs.get(m) and distiller.cfg.feature_weight > 0 and targets:
             s, t = distiller.pairs[m][-1]
             hs = distiller.proj[f"{m}_{s}"](view.hidden[s - 1])  # (B, T, D_t)
             ht = targets[f"hidden.{m}.{t}"].float()  # (B, T, D_t)
@@ -39,11 +39,12 @@ def agreement(distiller: Distiller, client, batches, spec, max_batches: int) -> 
             top1 += (out.logits.argmax(-1) == targets["logits"].argmax(-1)).float().sum().item()
         if labels is not None and out.logits is not None:
             acc += (out.logits.argmax(-1) == labels).float().sum().item()
+            labelled = True
         n += next(iter(inputs.values())).shape[0]
     distiller.train()
     result = {"samples": n, "cosine": cos / max(n, 1)}
     if distiller.cfg.logits_weight > 0:
         result["top1_agreement"] = top1 / max(n, 1)
-    if acc:
+    if labelled:
         result["accuracy"] = acc / max(n, 1)
     return result

@@ -168,7 +168,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     plan = ArmPlan(distiller, scheduler, cfg.teacher.target_dtype, o.delta,
                    max(o.measure_steps, cfg.teacher.prefetch_depth), start)
     rounds_log = run_dir / "optima.jsonl"
-    pre = Prefetcher(source, lambda b: (teacher_inputs(b, size), plan.spec_for_next()), client,
+    pre = Prefetcher(source, lambda b: (teacher_inputs(b, size), plan.spec_for_next()),
+                     client if distiller.needs_teacher else NoTeacher(),
                      depth=cfg.teacher.prefetch_depth,
                      timeout=cfg.teacher.timeout_s * (cfg.teacher.max_retries + 1) + 10, name=address)
     t_log, wait_log, n_log, sums = time.perf_counter(), 0.0, 0, {}
@@ -220,6 +221,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         client.close()
         if writer:
             writer.close()
+
+
+class NoTeacher:
+    """Stands in for the client when the losses need no targets (the no-KD baseline)."""
+
+    def submit(self, inputs, spec, *args):
+        import concurrent.futures
+
+        f = concurrent.futures.Future()
+        f.set_result({})
+        return f
 
 
 def make_scheduler(cfg: JobConfig, distiller):

@@ -245,3 +245,26 @@ def test_fingerprint_tracks_weights():
     c = TeacherEngine.from_config(tiny_beit_config(seed=1))
     assert a.fingerprint == b.fingerprint  # same seed, same weights
     assert a.fingerprint != c.fingerprint
+
+
+@pytest.mark.parametrize("model_type,kwargs,inputs", [
+    ("clip_vision_model", dict(image_size=32, patch_size=8), lambda: {"pixel_values": _images(2)}),
+    ("clip_text_model", dict(vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                             pad_token_id=1), lambda: {"input_ids": torch.randint(2, 100, (2, 6))}),
+])
+def test_clip_towers_as_teachers(model_type, kwargs, inputs):
+    """CLIP's towers through the generic HF adapter: true attention, block outputs."""
+    from teacher_server.config import TeacherConfig
+
+    cfg = TeacherConfig(model=f"hf:{model_type}", pretrained=False, model_kwargs=dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, **kwargs))
+    engine = TeacherEngine.from_config(cfg)
+    (m,) = engine.modules
+    x = inputs()
+    out = _run(engine, x, hidden=((m.name, (1, 2)),), attention=((m.name, (2,)),))
+    a = out[f"attention.{m.name}.2"]
+    torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        ref = engine.adapter.model(**{k: (v - engine.adapter.mean) / engine.adapter.std if k == "pixel_values" else v
+                                       for k, v in x.items()}, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(out[f"hidden.{m.name}.2"], ref[2], rtol=1e-5, atol=1e-5)

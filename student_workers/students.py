@@ -145,27 +145,10 @@ def build_student(cfg: StudentConfig | BaseModel | Mapping[str, Any]) -> Student
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _hooks(handles: list) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
-def _unfused(attns: list[nn.Module]) -> Iterator[None]:
-    """Switch timm's fused SDPA off for these attention modules during one forward: the fused
-    kernel never materialises the probabilities; the explicit path computes the same function."""
-    old = [a.fused_attn for a in attns]
-    try:
-        for a in attns:
-            a.fused_attn = False
-        yield
-    finally:
-        for a, f in zip(attns, old):
-            a.fused_attn = f
+# The same context managers as the teacher side: one definition of how attention is exposed.
+from teacher_server.adapters.base import hooks as _hooks  # noqa: E402
+from teacher_server.adapters.hf import attn_implementation  # noqa: E402,F401
+from teacher_server.adapters.timm_vit import unfused as _unfused  # noqa: E402
 
 
 def _store_output(store: dict, key: int):
@@ -311,20 +294,6 @@ def _register_probs_attention() -> None:
 
     AttentionInterface.register(_PROBS_IMPL, _probs_attention)
     AttentionMaskInterface.register(_PROBS_IMPL, eager_mask)  # an additive float mask, as eager
-
-
-@contextlib.contextmanager
-def attn_implementation(model: nn.Module, impl: str) -> Iterator[None]:
-    """Use attention implementation ``impl`` for the duration of the block (then restore)."""
-    old = getattr(model.config, "_attn_implementation", None)
-    if old == impl or old is None:
-        yield
-        return
-    model.set_attn_implementation(impl)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(old)
 
 
 def masked_mean(hidden: Tensor, mask: Tensor | None) -> Tensor:

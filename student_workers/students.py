@@ -25,10 +25,9 @@ Entry point: :func:`build_student`.
 from __future__ import annotations
 
 import abc
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from pydantic import BaseModel, Field

@@ -121,6 +121,23 @@ def split_address(address: str) -> tuple[str, str]:
 LAZY_TRANSPORTS = {"triton": "student_workers.triton_transport"}
 
 
+def parse_address(address: str, scheme: str, form: str):
+    """``scheme://host:port[/path]`` -> (urlsplit parts, "host:port/path"); ValueError saying what is wrong."""
+    got, rest = split_address(address)
+    if got != scheme:
+        raise ValueError(f"teacher address {address!r}: expected scheme {scheme!r}, got {got!r}")
+    parts = urlsplit(f"{scheme}://{rest}")
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"teacher address {address!r}: bad port ({e})") from None
+    if not parts.hostname or port is None:
+        raise ValueError(f"teacher address {address!r} needs a host and a port: {form}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"teacher address {address!r}: query strings and fragments are not supported")
+    return parts, rest
+
+
 def make_transport(address: str, **kwargs: Any) -> Transport:
     """The transport registered for the address's scheme (``register("transport", <scheme>)``)."""
     scheme, _ = split_address(address)
@@ -157,18 +174,7 @@ class GrpcTransport(Transport):
 
     @classmethod
     def from_address(cls, address: str, **kwargs: Any) -> "GrpcTransport":
-        scheme, rest = split_address(address)
-        if scheme != "grpc":
-            raise ValueError(f"GrpcTransport cannot serve {address!r} (scheme {scheme!r})")
-        parts = urlsplit(f"grpc://{rest}")
-        try:
-            port = parts.port
-        except ValueError as e:
-            raise ValueError(f"teacher address {address!r}: bad port ({e})") from None
-        if not parts.hostname or port is None:
-            raise ValueError(f"teacher address {address!r} needs a host and a port: grpc://host:port[/app]")
-        if parts.query or parts.fragment:
-            raise ValueError(f"teacher address {address!r}: query strings and fragments are not supported")
+        parts, rest = parse_address(address, "grpc", "grpc://host:port[/app]")
         app = parts.path.strip("/")
         if "/" in app:
             raise ValueError(f"teacher address {address!r}: the path must be one Serve application name")

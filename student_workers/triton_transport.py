@@ -22,7 +22,6 @@ import itertools
 import os
 import struct
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
-from urllib.parse import urlsplit
 
 import grpc
 import numpy as np
@@ -39,7 +38,7 @@ except ImportError as e:  # pragma: no cover - the triton extra is missing
 
 from kdserve import codec, registry
 from kdserve.v1 import teacher_pb2 as pb
-from student_workers.client import GRPC_OPTIONS, TeacherError, Transport, split_address
+from student_workers.client import GRPC_OPTIONS, TeacherError, Transport, parse_address
 from teacher_server.triton import (
     INFO_PARAMETER,
     MODEL_NAME,
@@ -122,18 +121,7 @@ class TritonTransport(Transport):
 
     @classmethod
     def from_address(cls, address: str, **kwargs: Any) -> "TritonTransport":
-        scheme, rest = split_address(address)
-        if scheme != "triton":
-            raise ValueError(f"TritonTransport cannot serve {address!r} (scheme {scheme!r})")
-        parts = urlsplit(f"triton://{rest}")
-        try:
-            port = parts.port
-        except ValueError as e:
-            raise ValueError(f"teacher address {address!r}: bad port ({e})") from None
-        if not parts.hostname or port is None:
-            raise ValueError(f"teacher address {address!r} needs a host and a port: triton://host:8001[/model]")
-        if parts.query or parts.fragment:
-            raise ValueError(f"teacher address {address!r}: query strings and fragments are not supported")
+        parts, rest = parse_address(address, "triton", "triton://host:8001[/model]")
         path = [p for p in parts.path.split("/") if p]
         if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
             raise ValueError(f"teacher address {address!r}: the path is /<model> or /<model>/<version>")

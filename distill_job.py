@@ -50,6 +50,29 @@ def start_ray(cfg, ray_address: str | None):
     return ray
 
 
+def check_job(cfg):
+    """Everything the user typed, checked on the driver before any cluster starts.
+
+    Returns the teacher's TeacherInfo (from the running teacher, or built from ``teacher.local``
+    on the meta device) and raises ``ConfigError`` with one line naming the field to fix.
+    """
+    if cfg.teacher.address:  # fail fast, before starting a cluster, when the teacher is not there
+        info = describe(cfg.teacher.address, cfg)
+    else:
+        from teacher_server.validate import describe_config
+
+        info = describe_config(cfg.teacher.local, "teacher.local")
+    from student_workers.check import check_student_side
+
+    check_student_side(cfg, info)
+    return info
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
 def teacher_address(cfg) -> str:
     """The configured teacher, or a local one deployed on Ray Serve in this cluster."""
     if cfg.teacher.address:
@@ -109,16 +132,18 @@ def run(cfg, args) -> int:
     run_dir = storage / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     dump(cfg, run_dir / "config.yaml")
-    if cfg.teacher.address:  # fail fast, before starting a cluster, when the teacher is not there
-        describe(cfg.teacher.address, cfg)
     start_ray(cfg, args.ray_address)
     address = teacher_address(cfg)
     info = describe(address, cfg)
     print(f"teacher {info.model_name} at {address} (fingerprint {info.fingerprint}); run dir {run_dir}", flush=True)
     before = None if args.skip_eval else evaluate(cfg, address, info)
-    result = fit(cfg, address, run_dir)
+    try:
+        result = fit(cfg, address, run_dir)
+    except Exception as e:  # Ray Train V2 raises TrainingFailedError from fit()
+        print(f"error: training failed: {training_failure(e)}", file=sys.stderr)
+        return 1
     if result.error:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
+        print(f"error: training failed: {training_failure(result.error)}", file=sys.stderr)
         return 1
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / CKPT_FILE, map_location="cpu", weights_only=False)
@@ -156,6 +181,21 @@ def fit(cfg, address: str, run_dir: Path):
     return trainer.fit()
 
 
+def training_failure(e: BaseException) -> str:
+    """One line naming the root cause of a failed fit(): the first worker's own exception, not
+    Ray Train's wrapper (WorkerGroupError -> RayTaskError -> e.g. TeacherUnavailable)."""
+    failures = getattr(e, "worker_failures", None)
+    if failures:
+        rank, e = sorted(failures.items())[0]
+        prefix = f"rank {rank}: "
+    else:
+        prefix = ""
+    e = getattr(e, "controller_failure", e)
+    while getattr(e, "cause", None) is not None and e.cause is not e:  # RayTaskError(...).cause
+        e = e.cause
+    return prefix + f"{type(e).__name__}: {_one_line(e)}"
+
+
 def main(argv=None) -> int:
     from kdserve.config import ConfigError, load
     from student_workers.job_config import JobConfig
@@ -163,9 +203,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load(JobConfig, args.config, args.set)
+        check_job(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # the configured teacher is not reachable
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
     try:
         return run(cfg, args)
     except (ValueError, FileNotFoundError, ConfigError) as e:
@@ -188,5 +232,10 @@ def main(argv=None) -> int:
             pass
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point ``kdserve-distill``."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -231,7 +231,7 @@ def start_teacher(args) -> int:
 
     import ray
 
-    from teacher_server.config import TeacherConfig
+    from kdserve.teacher_config import TeacherConfig
     from teacher_server.serve_app import deploy
 
     cfg = TeacherConfig(

@@ -173,7 +173,7 @@ def main(argv=None) -> int:
 
     from kdserve import wire
     from student_workers.client import SyncTeacherClient
-    from teacher_server.config import TeacherConfig
+    from kdserve.teacher_config import TeacherConfig
     from teacher_server.serve_app import build_app, grpc_options
     from teacher_server.triton.launch import run_tritonserver
     from teacher_server.triton.repository import write_repository

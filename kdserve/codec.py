@@ -13,7 +13,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from kdserve.targets import dequantize_int8, quantize_int8
+from kdserve.targets import dequantize_int8
 from kdserve.v1 import teacher_pb2 as pb
 
 # bfloat16 has no numpy dtype: it travels as its uint16 bit pattern and is re-viewed in torch.
@@ -65,16 +65,6 @@ def encode(t: torch.Tensor, scales: torch.Tensor | None = None) -> pb.Tensor:
     if scales is not None:
         msg.scales = scales.detach().float().cpu().contiguous().numpy().tobytes()
     return msg
-
-
-def encode_target(t: torch.Tensor, dtype: str) -> pb.Tensor:
-    """Encode a float target in the requested wire dtype (int8: symmetric per-row scales)."""
-    if not t.is_floating_point():
-        return encode(t)
-    if dtype == "int8":
-        q, s = quantize_int8(t)
-        return encode(q, s)
-    return encode(t.to(_TORCH[dtype]))
 
 
 def nbytes(msg: pb.Tensor) -> int:

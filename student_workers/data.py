@@ -15,7 +15,6 @@ Registered as ``kdserve.registry.get("dataset", name)`` (see :func:`build_datase
 from __future__ import annotations
 
 import functools
-import math
 import re
 import zlib
 from pathlib import Path
@@ -27,8 +26,9 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from kdserve.registry import get, register
-
-Size = int | Sequence[int]
+from student_workers import data_emoji  # noqa: F401  (registers the "emoji" dataset)
+from student_workers.augment import Size, _pair, augmented_view, crop_params, item_generator  # noqa: F401
+from student_workers.tokenizer import load_tokenizer  # noqa: F401
 
 # Photos bundled with scikit-learn ("sklearn:<name>") and scikit-image (skimage.data.<name>) that
 # load without a network; grayscale ones are replicated to RGB.
@@ -44,69 +44,6 @@ WORDNET_PARTS = ("noun", "verb", "adj", "adv")
 def build_dataset(name: str, **kwargs: Any) -> Dataset:
     """``build_dataset("sklearn_images", size=32, num_samples=256, seed=0)``: the registered class."""
     return get("dataset", name)(**kwargs)
-
-
-# --------------------------------------------------------------------------------------------
-# Deterministic augmentation
-# --------------------------------------------------------------------------------------------
-
-
-def _pair(size: Size) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    h, w = size
-    return (int(h), int(w))
-
-
-def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """A generator seeded from (seed, epoch, index) only: the view does not depend on which
-    worker or in which order the item is read. SeedSequence mixes the three well."""
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
-    return float(torch.empty(()).uniform_(lo, hi, generator=gen))
-
-
-def crop_params(
-    h: int, w: int, scale: Sequence[float], ratio: Sequence[float], gen: torch.Generator
-) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a random-resized crop: torchvision's RandomResizedCrop
-    algorithm (10 tries of area ~ U(scale), log aspect ~ U(log ratio), then a centre crop), but
-    drawing from ``gen`` instead of the global RNG."""
-    area = h * w
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * _uniform(gen, scale[0], scale[1])
-        aspect = math.exp(_uniform(gen, log_lo, log_hi))
-        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            top = int(torch.randint(0, h - ch + 1, (), generator=gen))
-            left = int(torch.randint(0, w - cw + 1, (), generator=gen))
-            return top, left, ch, cw
-    in_ratio = w / h
-    if in_ratio < min(ratio):
-        cw, ch = w, round(w / min(ratio))
-    elif in_ratio > max(ratio):
-        ch, cw = h, round(h * max(ratio))
-    else:
-        cw, ch = w, h
-    return (h - ch) // 2, (w - cw) // 2, ch, cw
-
-
-def augmented_view(
-    image: Tensor, size: tuple[int, int], scale: Sequence[float], ratio: Sequence[float], hflip: float,
-    gen: torch.Generator,
-) -> Tensor:
-    """uint8 (3, h, w) -> float32 (3, *size) in [0, 1]: random-resized-crop then flip with prob ``hflip``."""
-    from torchvision.transforms.v2 import functional as TF
-
-    top, left, ch, cw = crop_params(image.shape[-2], image.shape[-1], scale, ratio, gen)
-    out = TF.resized_crop(image, top, left, ch, cw, list(size), antialias=True)  # (3, H, W) uint8
-    if _uniform(gen, 0.0, 1.0) < hflip:
-        out = TF.horizontal_flip(out)
-    return out.to(torch.float32) / 255.0  # uint8 -> [0, 1] exactly
 
 
 def to_rgb_uint8(array: Any) -> Tensor:
@@ -395,15 +332,6 @@ def text_file(path: str, split: str = "all", held_out_fraction: float = 0.05) ->
     return SentenceDataset(split_sentences([l for l in lines if l], split, held_out_fraction))
 
 
-def load_tokenizer(name: str = "minilm"):
-    """The teacher's tokenizer: 'minilm' (the packaged all-MiniLM-L6-v2) or a local HF dir."""
-    from transformers import AutoTokenizer
-
-    from student_workers.students import resolve_hf_path
-
-    return AutoTokenizer.from_pretrained(resolve_hf_path(name))
-
-
 def collate_text(tokenizer: Any, max_length: int = 128) -> Callable[[list], dict[str, Tensor]]:
     """A DataLoader ``collate_fn`` tokenizing a batch of sentences (``str`` or ``{"text": str}``)
     with the TEACHER's tokenizer (an object, or a name for :func:`load_tokenizer`), padded to the
@@ -458,4 +386,3 @@ def shard(dataset: Dataset, rank: int, world_size: int, even: bool = False) -> D
     if even:
         n -= n % world_size
     return Shard(dataset, list(range(rank, n, world_size)))
-from student_workers import data_emoji  # noqa: E402,F401  (registers the "emoji" dataset)

@@ -33,7 +33,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from kdserve.registry import register
-from student_workers.data import Size, _pair, augmented_view, item_generator, load_tokenizer
+from student_workers.augment import Size, _pair, augmented_view, item_generator
+from student_workers.tokenizer import load_tokenizer
 
 PACKAGE = "emoji-datasource-google"
 DEFAULT_DIR = "~/.cache/kdserve/emoji/node_modules/" + PACKAGE

@@ -10,6 +10,7 @@ module; ``arm`` (OPTIMA, methods.md section 7) restricts the layerwise terms to 
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -19,19 +20,8 @@ from torch import nn
 from kdserve import wire
 from kdserve.v1 import teacher_pb2 as pb
 from student_workers.job_config import DistillSection
-from student_workers.losses import (
-    Projection,
-    TeacherQueue,
-    attention_mse_head_mean,
-    attention_mse_per_head,
-    data2vec_loss,
-    feature_loss,
-    kd_kl,
-    kd_kl_topk,
-    logits_mse,
-    soft_cross_entropy,
-    token_nce,
-)
+from kdserve import registry
+from student_workers.losses import Projection, TeacherQueue, data2vec_loss, feature_loss, token_nce
 from student_workers.losses.layer_map import layer_map
 
 
@@ -65,6 +55,9 @@ class Distiller(nn.Module):
         missing = sorted(set(self.student_modules) - set(teacher))
         if missing:
             raise ValueError(f"the student has modules {missing} that the teacher lacks (teacher: {sorted(teacher)})")
+        unknown = [m for m in cfg.modules if m not in self.student_modules]
+        if unknown:
+            raise ValueError(f"distill.modules: unknown module(s) {unknown}; the student has {sorted(self.student_modules)}")
         self.modules_ = [m for m in self.student_modules if not cfg.modules or m in cfg.modules]
         self.teacher_info = {m: teacher[m] for m in self.modules_}
         self.pairs: dict[str, list[tuple[int, int]]] = {}
@@ -98,6 +91,9 @@ class Distiller(nn.Module):
                 "distill: data2vec_weight > 0 together with feature_weight or nce_weight; one request carries "
                 "one hidden reduction, so use Data2Vec alone (set the others to 0)"
             )
+        if cfg.logits_weight > 0 and cfg.logits_top_k and cfg.logits_loss not in registry.names("logits_loss_topk"):
+            raise ValueError(f"distill.logits_top_k needs a logits_loss with a top-k form "
+                             f"({', '.join(registry.names('logits_loss_topk'))}), not {cfg.logits_loss!r}")
         if (cfg.logits_weight > 0) and info.num_classes == 0:
             raise ValueError("distill.logits_weight > 0 but the teacher has no classification head")
         if not any((cfg.feature_weight, cfg.data2vec_weight, cfg.logits_weight, cfg.attention_weight,
@@ -229,13 +225,15 @@ class Distiller(nn.Module):
             key = f"attention.{tm}.{t}"
             if key not in targets or v.attentions[l_s - 1] is None:
                 return None
-            return attention_mse_per_head(v.attentions[l_s - 1], _t(targets[key], v.attentions[l_s - 1]), mask=v.mask)
+            fn = registry.get("attention_loss", c.attention_kind)
+            return fn(v.attentions[l_s - 1], _t(targets[key], v.attentions[l_s - 1]), mask=v.mask)
+        fn = registry.get("attention_loss", c.attention_kind)
         total, found = 0, False
         for s, t in self.pairs[m]:
             key = f"attention.{tm}.{t}"
             a = v.attentions[s - 1]
             if key in targets and a is not None:
-                total = total + attention_mse_head_mean(a, _t(targets[key], a[:, 0]), mask=v.mask)
+                total = total + fn(a, _t(targets[key], a[:, 0]), mask=v.mask)
                 found = True
         return total if found else None
 
@@ -258,14 +256,12 @@ class Distiller(nn.Module):
     def _logits(self, logits, targets):
         c = self.cfg
         if c.logits_top_k:
-            return kd_kl_topk(logits, _t(targets["logits_topk.values"], logits),
-                              targets["logits_topk.indices"].to(logits.device), c.temperature)
-        z = _t(targets["logits"], logits)
-        if c.logits_loss == "soft_ce":
-            return soft_cross_entropy(logits, z, c.temperature)
-        if c.logits_loss == "mse":
-            return logits_mse(logits, z)
-        return kd_kl(logits, z, c.temperature)
+            fn = registry.get("logits_loss_topk", c.logits_loss)
+            return fn(logits, _t(targets["logits_topk.values"], logits),
+                      targets["logits_topk.indices"].to(logits.device), temperature=c.temperature)
+        fn = registry.get("logits_loss", c.logits_loss)
+        kwargs = {"temperature": c.temperature} if "temperature" in inspect.signature(fn).parameters else {}
+        return fn(logits, _t(targets["logits"], logits), **kwargs)
 
 
 def _t(target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

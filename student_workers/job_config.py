@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from kdserve import registry
 from kdserve.config import Strict
-from student_workers.students import StudentConfig
-from teacher_server.config import TeacherConfig
+from kdserve.teacher_config import TeacherConfig
+from student_workers import losses  # noqa: F401  (registers the names the distill section accepts)
+from student_workers.student_base import StudentConfig
 
 
 class TeacherSection(Strict):
@@ -46,9 +48,10 @@ class OptimaSection(Strict):
 class DistillSection(Strict):
     modules: list[str] = Field(default_factory=list, description="Modules to distill (empty: every student module).")
     feature_weight: float = Field(1.0, ge=0, description="Weight of feature KD on the mapped layers (methods 2).")
-    feature_kind: Literal["mse", "l1", "cosine"] = Field("mse", description="Feature distance.")
-    layer_map: Literal["uniform", "last", "explicit", "all-average"] = Field(
-        "uniform", description="Which student block regresses which teacher block (methods 6)."
+    feature_kind: str = Field("mse", description="Feature distance (registry kind feature_distance): mse, l1, cosine.")
+    layer_map: str = Field(
+        "uniform", description="Which student block regresses which teacher block (methods 6): uniform, last, "
+        "explicit, all-average (registry kind layer_map)."
     )
     layer_pairs: list[tuple[int, int]] = Field(
         default_factory=list, description="explicit map: (student block, teacher block), 1-based."
@@ -58,14 +61,14 @@ class DistillSection(Strict):
     )
     data2vec_eps: float = Field(1e-5, gt=0, description="eps of the Data2Vec instance/layer norms.")
     logits_weight: float = Field(0.0, ge=0, description="Weight of KL(teacher || student) on logits (methods 1).")
-    logits_loss: Literal["kl", "soft_ce", "mse"] = Field(
+    logits_loss: str = Field(
         "kl", description="kl: T^2 KL (Hinton); soft_ce: CE with temperature (DistillVLM eq. 7); mse: raw logits."
     )
     temperature: float = Field(2.0, gt=0, description="KD temperature T (the loss carries T^2).")
     logits_top_k: int = Field(0, ge=0, description="Request only the teacher's top-k logits (0: all).")
     task_weight: float = Field(0.0, ge=0, description="Weight of the hard-label task loss (CE on data labels).")
     attention_weight: float = Field(0.0, ge=0, description="Weight of attention-map distillation (methods 4).")
-    attention_kind: Literal["per_head", "head_mean"] = Field(
+    attention_kind: str = Field(
         "head_mean", description="per_head: DistillVLM last-layer MSE; head_mean: OPTIMA per mapped layer."
     )
     nce_weight: float = Field(0.0, ge=0, description="Weight of token-wise NCE on the last layer (methods 5).")
@@ -73,6 +76,19 @@ class DistillSection(Strict):
     nce_queue_size: int = Field(4096, ge=1, description="Teacher embeddings kept as negatives (K).")
     nce_mean_pooled: bool = Field(False, description="One NCE per sample on mean-pooled tokens instead of per token.")
     optima: OptimaSection = Field(default_factory=OptimaSection)
+
+    @field_validator("feature_kind", "layer_map", "logits_loss", "attention_kind")
+    @classmethod
+    def _registered(cls, v: str, info) -> str:
+        kind = _REGISTRY_KIND[info.field_name]
+        if v not in registry.names(kind):
+            raise ValueError(f"unknown {kind} {v!r}; registered: {', '.join(registry.names(kind))}")
+        return v
+
+
+# Which registry table each name-valued distill field is looked up in.
+_REGISTRY_KIND = {"feature_kind": "feature_distance", "layer_map": "layer_map", "logits_loss": "logits_loss",
+                  "attention_kind": "attention_loss"}
 
 
 class DataSection(Strict):

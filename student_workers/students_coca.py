@@ -16,9 +16,9 @@ from typing import Iterable, Mapping
 
 from torch import Tensor
 
-from kdserve.models.coca import CROSS, MODULES, CoCaModel, build_config, load_checkpoint
+from kdmodels.coca import CROSS, MODULES, CoCaModel, build_config, load_checkpoint
 from kdserve.registry import register
-from student_workers.students import Student, StudentConfig
+from student_workers.student_base import Student, StudentConfig
 
 
 @dataclass
@@ -40,7 +40,7 @@ NeedAttention = bool | Mapping[str, Iterable[int]] | None
 
 
 class CoCaStudent(Student):
-    """Wraps :class:`kdserve.models.coca.CoCaModel`. ``forward(inputs, need_attention)``:
+    """Wraps :class:`kdmodels.coca.CoCaModel`. ``forward(inputs, need_attention)``:
     ``need_attention`` is False, True (every block of every module) or
     ``{module: 1-based blocks}`` (modules "image", "text", "multimodal", and "multimodal.cross"
     for the decoder's cross-attention)."""

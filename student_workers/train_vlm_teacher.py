@@ -4,7 +4,7 @@
     python -m student_workers.train_vlm_teacher --out runs/coca_wide.pt --kwargs '{"vision_width": 192}'
 
 Loss: category cross-entropy on the image embedding + symmetric contrastive image-text loss +
-captioning next-token loss (``kdserve.models.coca.coca_loss``). Every ``--eval-every`` steps and
+captioning next-token loss (``kdmodels.coca.coca_loss``). Every ``--eval-every`` steps and
 at the end it prints the held-out category accuracy (chance = the majority class share), the
 held-out image->text retrieval top-1 among all held-out captions, and the caption next-token
 accuracy. The checkpoint ({"config", "state_dict", "meta"}) loads as a teacher
@@ -23,7 +23,7 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from kdserve.models.coca import CoCaModel, build_config, coca_loss, save_checkpoint
+from kdmodels.coca import CoCaModel, build_config, coca_loss, save_checkpoint
 from student_workers.data import build_dataset
 from student_workers.data_emoji import collate_image_text
 

@@ -39,7 +39,7 @@ except ImportError as e:  # pragma: no cover - the triton extra is missing
 from kdserve import codec, registry
 from kdserve.v1 import teacher_pb2 as pb
 from student_workers.client import GRPC_OPTIONS, TeacherError, Transport, parse_address
-from teacher_server.triton import (
+from kdserve.triton_wire import (
     INFO_PARAMETER,
     MODEL_NAME,
     REQUEST_INPUT,

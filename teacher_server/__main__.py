@@ -16,12 +16,12 @@ import sys
 import threading
 
 from kdserve.config import ConfigError, apply_overrides, build, load
-from teacher_server.config import TeacherConfig
+from kdserve.teacher_config import TeacherConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m teacher_server", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="YAML file of TeacherConfig fields (see teacher_server/config.py)")
+    p.add_argument("--config", help="YAML file of TeacherConfig fields (see kdserve/teacher_config.py)")
     p.add_argument("--model", help="timm:<name>, hf:<name or dir>, or minilm (default: minilm)")
     p.add_argument("--random-init", action="store_true", help="build the architecture with random weights")
     p.add_argument("--model-kwargs", help='JSON constructor/config overrides, e.g. \'{"depth": 4}\'')
@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = resolve_config(args)
+        from teacher_server.validate import build_architecture
+
+        build_architecture(cfg, "teacher")  # a typo costs seconds, not a cluster start
         serve_forever(cfg, args)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -117,5 +120,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point ``kdserve-teacher``."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

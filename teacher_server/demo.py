@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     from kdserve import codec, wire
     from kdserve.v1 import teacher_pb2 as pb
     from kdserve.v1 import teacher_pb2_grpc as pb_grpc
-    from teacher_server.adapters.hf import _packaged_minilm_dir
-    from teacher_server.config import TeacherConfig
+    from kdserve.packaged import minilm_dir
+    from kdserve.teacher_config import TeacherConfig
     from teacher_server.serve_app import deploy
 
     t0 = time.time()
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         m = info.modules[0]
         print(f"model {info.model_name}  fingerprint {info.fingerprint}")
         print(f"module {m.name}: {m.num_layers} blocks, hidden {m.hidden_size}, {m.num_heads} heads")
-        tok = transformers.AutoTokenizer.from_pretrained(_packaged_minilm_dir())
+        tok = transformers.AutoTokenizer.from_pretrained(minilm_dir())
         sents = _sentences(args.samples)
         enc = tok(sents, padding=True, truncation=True, max_length=64, return_tensors="pt")
         inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

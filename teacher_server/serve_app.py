@@ -15,7 +15,7 @@ from ray.serve.config import gRPCOptions
 
 from kdserve.v1 import teacher_pb2 as pb
 from teacher_server.coalesce import Coalescer
-from teacher_server.config import TeacherConfig
+from kdserve.teacher_config import TeacherConfig
 from teacher_server.engine import TeacherEngine, Work
 from teacher_server.metrics import get_metrics
 from teacher_server.service import TeacherService, reply_bytes, reply_samples, status_of

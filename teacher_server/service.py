@@ -15,7 +15,7 @@ import torch
 
 from kdserve import codec
 from kdserve.v1 import teacher_pb2 as pb
-from teacher_server.config import TeacherConfig
+from kdserve.teacher_config import TeacherConfig
 from teacher_server.engine import BatchStats, Quantized, TeacherEngine, Work
 from teacher_server.spec import SpecError, TargetSpec, TooLarge, resolve_spec, validate_inputs
 

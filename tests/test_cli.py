@@ -74,7 +74,7 @@ def test_plain_backend_serves_until_interrupted():
 def test_serve_config_is_valid_and_points_at_the_code():
     from ray.serve.schema import ServeDeploySchema
 
-    from teacher_server.config import TeacherConfig
+    from kdserve.teacher_config import TeacherConfig
     from teacher_server.serve_app import SERVICER
 
     cfg = yaml.safe_load((ROOT / "teacher_server/serve_config.yaml").read_text())

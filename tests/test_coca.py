@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kdserve.models.coca import (
+from kdmodels.coca import (
     TINY,
     CoCaModel,
     build_config,
@@ -18,7 +18,7 @@ from kdserve.models.coca import (
     save_checkpoint,
     uniform_layers,
 )
-from teacher_server.config import TeacherConfig
+from kdserve.teacher_config import TeacherConfig
 from teacher_server.engine import TeacherEngine, Work
 from teacher_server.spec import SpecError, TargetSpec
 

@@ -15,7 +15,7 @@ from student_workers.job_config import DistillSection, JobConfig
 from student_workers.losses import attention_mse_head_mean, feature_loss, token_nce
 from student_workers.students import build_student
 from student_workers.train import ArmPlan, make_scheduler
-from teacher_server.config import TeacherConfig
+from kdserve.teacher_config import TeacherConfig
 from teacher_server.engine import TeacherEngine, Work
 from teacher_server.service import TeacherService
 from teacher_server.spec import resolve_spec

@@ -254,7 +254,7 @@ def test_fingerprint_tracks_weights():
 ])
 def test_clip_towers_as_teachers(model_type, kwargs, inputs):
     """CLIP's towers through the generic HF adapter: true attention, block outputs."""
-    from teacher_server.config import TeacherConfig
+    from kdserve.teacher_config import TeacherConfig
 
     cfg = TeacherConfig(model=f"hf:{model_type}", pretrained=False, model_kwargs=dict(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, **kwargs))

@@ -155,21 +155,3 @@ def test_queue_is_carried_by_a_parent_module():
     parent.nce_queue.enqueue(torch.ones(2, 2))
     assert {"nce_queue.queue", "nce_queue.ptr", "nce_queue.filled"} <= set(parent.state_dict())
 
-
-# ---------------------------------------------------------------- DistillVLM totals
-
-
-def test_distillvlm_pretrain_total():
-    task, att, hid = torch.tensor(1.5, requires_grad=True), torch.tensor(0.02), torch.tensor(0.3)
-    total, terms = L.distillvlm_pretrain_loss(task, att, hid)
-    assert total.item() == pytest.approx(1.5 + 10 * 0.02 + 10 * 0.3)
-    assert {k: round(v.item(), 6) for k, v in terms.items()} == {"task": 1.5, "att": 0.02, "hid": 0.3}
-    assert not terms["task"].requires_grad and total.requires_grad
-
-
-def test_distillvlm_finetune_total():
-    total, terms = L.distillvlm_finetune_loss(
-        torch.tensor(2.0), torch.tensor(0.5), torch.tensor(0.1), torch.tensor(0.2), alpha=1.0, beta=3.0
-    )
-    assert total.item() == pytest.approx(2.0 + 0.5 + 1.0 * 0.1 + 3.0 * 0.2)
-    assert set(terms) == {"ce", "cls", "att", "hid"}

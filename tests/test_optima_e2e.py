@@ -23,7 +23,7 @@ STUDENT = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vi
 def coca_address(serve_teachers):
     from ray import serve
 
-    from teacher_server.config import TeacherConfig
+    from kdserve.teacher_config import TeacherConfig
     from teacher_server.serve_app import build_app
 
     try:

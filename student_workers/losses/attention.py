@@ -12,8 +12,6 @@ columns to real tokens, with T replaced by the sample's number of real tokens n.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from kdserve.registry import register
@@ -40,7 +38,7 @@ def _check_maps(a: torch.Tensor, name: str, ndims: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must be {want}, got {tuple(a.shape)}")
 
 
-@register("loss", "attention_per_head")
+@register("attention_loss", "per_head")
 def attention_mse_per_head(
     student_attn: torch.Tensor,
     teacher_attn: torch.Tensor,
@@ -76,7 +74,7 @@ def _as_head_mean(attn: torch.Tensor) -> torch.Tensor:
     return head_mean(attn) if attn.ndim == 4 else attn  # (B, T, T)
 
 
-@register("loss", "attention_head_mean")
+@register("attention_loss", "head_mean")
 def attention_mse_head_mean(
     student_attn: torch.Tensor,
     teacher_attn: torch.Tensor,
@@ -87,7 +85,7 @@ def attention_mse_head_mean(
     student_attn: (B, H_s, T, T) or already averaged (B, T, T).
     teacher_attn: (B, H_t, T, T) or the head-averaged (B, T, T) the server can send instead;
     H_s and H_t may differ. MSE is the mean over the T x T entries, then over the batch.
-    The sum over the mapped layers is ``attention_head_mean_layers``.
+    The Distiller sums it over the layer map's pairs.
     """
     _check_maps(student_attn, "student_attn", (3, 4))
     _check_maps(teacher_attn, "teacher_attn", (3, 4))
@@ -96,21 +94,3 @@ def attention_mse_head_mean(
     if s.shape != t.shape:
         raise ValueError(f"head-averaged maps differ: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
     return _token_pair_mean((s - t).pow(2), mask)
-
-
-def attention_head_mean_layers(
-    student_maps: Sequence[torch.Tensor],
-    teacher_maps: Sequence[torch.Tensor],
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """OPTIMA's L_attn = sum_{l in layers} MSE(Abar_t^{m(l)}, Abar_s^l).
-
-    The two sequences are already paired by the layer map: student_maps[i] goes with
-    teacher_maps[i].
-    """
-    if len(student_maps) != len(teacher_maps) or not student_maps:
-        raise ValueError(
-            f"need one teacher map per student map, got {len(student_maps)} student "
-            f"and {len(teacher_maps)} teacher maps"
-        )
-    return sum(attention_mse_head_mean(s, t, mask) for s, t in zip(student_maps, teacher_maps))

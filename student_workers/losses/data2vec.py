@@ -11,13 +11,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from kdserve.registry import register
 from kdserve.targets import data2vec_target
 
 from .feature import feature_loss
 
 
-@register("loss", "data2vec")
 def data2vec_loss(
     student_hiddens: Sequence[torch.Tensor],
     teacher_target: torch.Tensor,

@@ -8,31 +8,30 @@ Which student layer regresses which teacher layer comes from ``layer_map``.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdserve.registry import register
+from kdserve.registry import get, register
 
 from ._reduce import masked_mean, upcast
 
-FEATURE_KINDS = ("mse", "l1", "cosine")
+# Distances between (..., D) vectors, reduced over D: (..., D) x (..., D) -> (...).
+@register("feature_distance", "mse")
+def mse_distance(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (s - t).pow(2).mean(dim=-1)
 
 
-def _per_token(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Distance between (..., D) vectors, reduced over D: (..., D) x (..., D) -> (...)."""
-    if kind == "mse":
-        return lambda s, t: (s - t).pow(2).mean(dim=-1)
-    if kind == "l1":
-        return lambda s, t: (s - t).abs().mean(dim=-1)
-    if kind == "cosine":
-        return lambda s, t: 1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)
-    raise ValueError(f"unknown feature loss kind {kind!r}; choose one of {', '.join(FEATURE_KINDS)}")
+@register("feature_distance", "l1")
+def l1_distance(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (s - t).abs().mean(dim=-1)
 
 
-@register("loss", "feature")
+@register("feature_distance", "cosine")
+def cosine_distance(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return 1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)
+
+
 def feature_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -47,7 +46,7 @@ def feature_loss(
     (1 - cosine similarity per token). mask: optional (B, T), 1 for real tokens, so padded text
     tokens take no part. projection: applied to the student first (see ``Projection``).
     """
-    dist = _per_token(kind)
+    dist = get("feature_distance", kind)
     s = projection(student) if projection is not None else student  # (B, T, D_t)
     if s.shape != teacher.shape:
         raise ValueError(

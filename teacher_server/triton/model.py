@@ -45,7 +45,7 @@ class TritonPythonModel:
         import grpc
 
         from kdserve.v1 import teacher_pb2
-        from teacher_server.config import TeacherConfig
+        from kdserve.teacher_config import TeacherConfig
         from teacher_server.engine import TeacherEngine
         from teacher_server.service import TeacherService, status_of
         from teacher_server.spec import SpecError

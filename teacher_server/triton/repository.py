@@ -25,7 +25,7 @@ from pathlib import Path
 from google.protobuf import json_format, text_format
 
 from kdserve.config import ConfigError
-from teacher_server.config import TeacherConfig
+from kdserve.teacher_config import TeacherConfig
 from teacher_server.triton import (
     INFO_PARAMETER,
     MODEL_NAME,
@@ -137,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m teacher_server.triton",
         description="Write a Triton model repository for a kdserve teacher (and optionally serve it).",
     )
-    p.add_argument("--config", help="YAML file of TeacherConfig fields (see teacher_server/config.py)")
+    p.add_argument("--config", help="YAML file of TeacherConfig fields (see kdserve/teacher_config.py)")
     p.add_argument("--model", help="timm:<name>, hf:<name or dir>, or minilm (default: minilm)")
     p.add_argument("--random-init", action="store_true", help="build the architecture with random weights")
     p.add_argument("--model-kwargs", help='JSON constructor/config overrides, e.g. \'{"depth": 4}\'')

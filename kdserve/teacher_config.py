@@ -1,4 +1,8 @@
-"""The teacher service's configuration (YAML section ``teacher`` of a job, or a Serve app's args)."""
+"""The teacher service's configuration (a job's ``teacher.local``, a Serve app's args, the CLI's YAML).
+
+It lives in the shared package because a job describes the teacher it deploys; what a field
+MEANS (which model kinds exist, which names load) is checked by the teacher side
+(``teacher_server.validate``), on the driver, before any cluster starts."""
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -42,8 +46,7 @@ class TeacherConfig(Strict):
 
     @field_validator("model")
     @classmethod
-    def _known_kind(cls, v: str) -> str:
-        from teacher_server.engine import parse_model
-
-        parse_model(v)
+    def _kind_name(cls, v: str) -> str:
+        if not v.partition(":")[0]:
+            raise ValueError(f"{v!r} is not <kind>:<name> (e.g. timm:vit_base_patch16_224, hf:bert-base-uncased, minilm)")
         return v

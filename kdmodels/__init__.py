@@ -1,5 +1,5 @@
-"""Models shared by the teacher server and the students (pure torch)."""
-from kdserve.models.coca import (  # noqa: F401
+"""Model definitions both sides of kdserve build (pure torch): the teacher adapters serve them, the students train them."""
+from kdmodels.coca import (  # noqa: F401
     CROSS,
     DEFAULT_WEIGHTS,
     MODULES,

@@ -1,4 +1,4 @@
-"""``python -m student_workers.compare_vlm``: the same CoCa-style student distilled three ways.
+"""``python compare_vlm.py``: the same CoCa-style student distilled three ways.
 
 (a) layerwise distillation of all modules, (b) OPTIMA (the module bandit picks the modules),
 (c) no KD (the task loss alone), from one config (default configs/optima_coca.yaml) and one
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from student_workers.job_config import JobConfig
     from student_workers.train import CKPT_FILE
 
-    p = argparse.ArgumentParser(prog="python -m student_workers.compare_vlm", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python compare_vlm.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/optima_coca.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)

@@ -11,6 +11,7 @@ cluster (the embedded default). The resolved config, TensorBoard scalars and che
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -40,14 +41,30 @@ def start_ray(cfg, ray_address: str | None):
     if ray.is_initialized():  # e.g. tests sharing one cluster
         return ray
     address = ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S") if k in os.environ}}
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S") if k in os.environ}
+    # Ray's INFO chatter (Serve, Train setup, every report) drowns the job's own lines.
+    quiet = ray.LoggingConfig(log_level="WARNING")
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=env)
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env}, logging_config=quiet)
     else:
         # A new local cluster: joining whatever else runs on this machine must be asked for
-        # (--ray-address auto), or the job would land on someone else's resources.
-        ray.init(address="local", num_cpus=cfg.run.num_cpus, include_dashboard=False, runtime_env=env)
+        # (--ray-address auto). Ray Train's PlacementGroupCleaner polls the State API, which lives
+        # in the dashboard: without one (or with several clusters on the machine, where "auto"
+        # is ambiguous) it logs a traceback every few seconds. So the cluster gets a dashboard on
+        # loopback, and its actors are told where it is.
+        port = _free_port()
+        env["RAY_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", num_cpus=cfg.run.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, runtime_env={"env_vars": env}, logging_config=quiet)
     return ray
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_job(cfg):
@@ -81,11 +98,14 @@ def teacher_address(cfg) -> str:
 
     from teacher_server.serve_app import deploy
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve", "Application ready", ...
     print(f"deploying the local teacher {cfg.teacher.local.model} on Ray Serve (gRPC :{cfg.teacher.grpc_port})...",
           flush=True)
-    deploy(cfg.teacher.local, grpc_port=cfg.teacher.grpc_port, http_port=cfg.teacher.grpc_port + 1, host="0.0.0.0")
+    host = cfg.teacher.host
+    deploy(cfg.teacher.local, grpc_port=cfg.teacher.grpc_port, http_port=cfg.teacher.grpc_port + 1, host=host)
     _DEPLOYED.append(True)
-    return f"grpc://{ray.util.get_node_ip_address()}:{cfg.teacher.grpc_port}"
+    reach = host if host not in ("0.0.0.0", "::") else ray.util.get_node_ip_address()
+    return f"grpc://{reach}:{cfg.teacher.grpc_port}"
 
 
 def describe(address: str, cfg):
@@ -162,7 +182,7 @@ def run(cfg, args) -> int:
 
 def fit(cfg, address: str, run_dir: Path):
     """Run the Ray Train job; a run dir with checkpoints of the same run name is resumed."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from student_workers.train import train_loop_per_worker
@@ -176,6 +196,7 @@ def fit(cfg, address: str, run_dir: Path):
             name=cfg.run.name, storage_path=str(run_dir.parent),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # the workers' own progress lines stay
         ),
     )
     return trainer.fit()

@@ -24,6 +24,8 @@ class TeacherSection(Strict):
     )
     local: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher to deploy when no address.")
     grpc_port: int = Field(9000, description="gRPC port of the locally deployed teacher.")
+    host: str = Field("127.0.0.1", description="Interface the locally deployed teacher binds: loopback by "
+                      "default (workers on this node only); 0.0.0.0 to serve workers on other nodes.")
     timeout_s: float = Field(60.0, gt=0, description="Deadline of one teacher call.")
     max_retries: int = Field(5, ge=0, description="Retries on UNAVAILABLE / DEADLINE_EXCEEDED, with backoff.")
     prefetch_depth: int = Field(2, ge=0, description="Teacher requests kept in flight ahead of training (0: none).")

@@ -152,7 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if scheduler is not None:
             scheduler.load_state_dict(state["optima"])
         start = state["step"]
-    model = ray.train.torch.prepare_model(distiller, parallel_strategy_kwargs={"find_unused_parameters": True})
+    model = ray.train.torch.prepare_model(distiller, parallel_strategy_kwargs=ddp_options(cfg))
     device = ray.train.torch.get_device()
 
     writer = None
@@ -205,8 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if rank == 0:
                     terms_s = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("step", "lr", "samples_per_s", "teacher_wait_s", "resumed_from"))
                     say(f"[{cfg.run.name}] step {done:5d}/{cfg.train.steps} {terms_s} | "
-                        f"{metrics['samples_per_s']:.0f} samples/s | waited on teacher {waited:.2f}s "
-                        f"of {now - t_log:.2f}s")
+                        f"{metrics['samples_per_s']:.0f} samples/s | teacher wait {waited / (now - t_log):.0%} of step time")
                     for k, v in metrics.items():
                         if k != "step":
                             writer.add_scalar(f"train/{k}", v, done)
@@ -221,6 +220,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         client.close()
         if writer:
             writer.close()
+
+
+def ddp_options(cfg: JobConfig) -> dict:
+    """OPTIMA trains a different set of modules each round, so some heads get no gradient on some
+    steps: DDP must search for unused parameters every step. Otherwise the set of used parameters
+    is the same every step (a student's unused final norm or head stays unused), which
+    ``static_graph`` learns once instead of traversing the graph every step."""
+    if cfg.distill.optima.enabled:
+        return {"find_unused_parameters": True}
+    return {"static_graph": True}
 
 
 class NoTeacher:

@@ -99,7 +99,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         # one access-log line per target request would drown the students' progress lines
-        logging_config={"enable_access_log": False},
+        logging_config={"enable_access_log": False, "log_level": "WARNING"},
     )
     return deployment.bind(cfg.model_dump())
 
@@ -112,6 +112,7 @@ def deploy(cfg: TeacherConfig, grpc_port: int, http_port: int = 8000, host: str 
     serve.start(
         http_options={"host": host, "port": http_port},
         grpc_options=grpc_options(grpc_port),
+        logging_config={"log_level": "WARNING"},  # the controller's and proxies' INFO lines
     )
     serve.run(build_app(cfg.model_dump()), name=APP_NAME, route_prefix="/")
     return grpc_port

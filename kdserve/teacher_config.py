@@ -43,6 +43,33 @@ class TeacherConfig(Strict):
     max_ongoing_requests: int = Field(
         64, ge=1, description="Concurrent requests per replica; bounds the batches @serve.batch can form."
     )
+    scheduler: Literal["fair", "fifo"] = Field(
+        "fair",
+        description="How the batcher picks the next forward across experiments: fair (virtual token counter, "
+        "Sheng et al. OSDI 2024: each experiment charged samples x tokens served, divided by its weight) "
+        "or fifo (arrival order, for comparison).",
+    )
+    experiment_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Fair-share weight per experiment id, or per id prefix written 'prefix*' (longest prefix "
+        "wins; an exact id beats any prefix). Unlisted experiments weigh 1.0. Weight 3 gets 3x the work of 1.",
+    )
+    cache_bytes: int = Field(
+        0, ge=0,
+        description="Bytes of computed targets the teacher keeps (LRU) and reuses for identical requests "
+        "(same input bytes, spec and fingerprint) from any experiment; 0 turns the cache off.",
+    )
+    metrics_port: int = Field(
+        0, ge=0, description="Plain gRPC server only: serve Prometheus metrics on this port (0: none)."
+    )
+
+    @field_validator("experiment_weights")
+    @classmethod
+    def _positive_weights(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: w for k, w in v.items() if not w > 0}
+        if bad:
+            raise ValueError(f"experiment weights must be > 0, got {bad}")
+        return v
 
     @field_validator("model")
     @classmethod

@@ -2,64 +2,111 @@
 
 ``@serve.batch`` closes a batch after ``batch_wait_timeout_s`` even while the previous forward is
 still running, so under load requests arriving mid-forward become one-request batches queued
-behind it. The Serve deployment therefore hands every ``@serve.batch`` batch to one Coalescer:
-a single drain loop takes ALL waiting requests (up to ``max_samples``) for each forward.
+behind it. Both frontends (the Ray Serve deployment and the plain gRPC server) therefore hand
+their requests to one Coalescer per engine: a single drain loop forms each next forward from
+everything waiting (up to ``max_samples``), picked by a ``FairQueue`` (fair across experiments,
+or FIFO), after dropping work whose caller went away and answering cache hits without a forward.
+
+Isolation: if a batched forward raises, its members are retried one by one, so only the request
+that breaks the forward fails. When it fails alone while others of the same batch succeed, the
+fault lies with its inputs: it is refused as InputRejected (a SpecError: INVALID_ARGUMENT).
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from teacher_server.engine import BatchStats, Work
+from teacher_server.fair_queue import FairQueue, Policy
+from teacher_server.spec import SpecError
+from teacher_server.target_cache import TargetCache
+
+
+class InputRejected(SpecError):
+    """The teacher's forward failed on this request alone, while other requests ran fine."""
 
 
 def _samples(w: Work) -> int:
     return next(iter(w.inputs.values())).shape[0]
 
 
+def work_cost(w: Work) -> int:
+    """What serving ``w`` is charged: samples x tokens (tokens = 1 for fixed-size inputs)."""
+    ids = w.inputs.get("input_ids")
+    return _samples(w) * (int(ids.shape[1]) if ids is not None and ids.dim() > 1 else 1)
+
+
 class Coalescer:
-    """``await submit(works)`` -> [(outputs, stats, queue_ms)] in order; one forward at a time."""
+    """``await submit(works)`` -> [(outputs, stats, queue_ms)] in order; one forward at a time.
+
+    ``metrics`` (optional, duck-typed like TeacherMetrics) gets ``served(experiment, samples)``
+    per request sent to a forward and ``queued(lengths)`` with each experiment's queue length
+    after each batch is formed.
+    """
 
     def __init__(
         self,
         run: Callable[[list[Work]], tuple[list, BatchStats]],
         max_samples: int,
         on_batch: Callable[[BatchStats], None] | None = None,
+        scheduler: Policy = "fair",
+        weights: dict[str, float] | None = None,
+        cache: TargetCache | None = None,
+        metrics: Any = None,
     ):
         self._run = run
         self.max_samples = max_samples
         self._on_batch = on_batch
-        self._pending: list[tuple[Work, asyncio.Future]] = []
+        self.queue = FairQueue(scheduler, weights)
+        self.cache = cache
+        self._metrics = metrics
         self._drainer: asyncio.Task | None = None
+        self._keys: dict[int, str] = {}  # id(future) -> cache key of its work
+
+    @classmethod
+    def from_config(cls, engine, cfg, on_batch=None, metrics=None, cache_events=None) -> "Coalescer":
+        """The Coalescer a frontend puts in front of ``engine`` as ``cfg`` (TeacherConfig) says."""
+        cache = TargetCache(cfg.cache_bytes, engine.fingerprint, cache_events) if cfg.cache_bytes > 0 else None
+        return cls(engine.run, cfg.max_batch_size, on_batch=on_batch, scheduler=cfg.scheduler,
+                   weights=cfg.experiment_weights, cache=cache, metrics=metrics)
 
     async def submit(self, works: list[Work]) -> list[tuple]:
         loop = asyncio.get_running_loop()
         futures = []
         for w in works:
             f = loop.create_future()
-            self._pending.append((w, f))
             futures.append(f)
+            if self.cache is not None:
+                key = self.cache.key(w)
+                hit = self.cache.get(key)
+                if hit is not None:  # no forward: the stats say so
+                    f.set_result((hit, BatchStats(1, _samples(w), 0.0, forwards=0), 0.0))
+                    continue
+                self._keys[id(f)] = key
+            self.queue.enqueue(w.experiment, (w, f), work_cost(w), _samples(w))
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
         return list(await asyncio.gather(*futures))
 
     def _take(self) -> list[tuple[Work, asyncio.Future]]:
-        """Oldest first, as many as fit in max_samples (always at least one)."""
-        take, n = [], 0
-        while self._pending:
-            w, f = self._pending[0]
-            if f.cancelled():  # the caller went away: no forward for it
-                self._pending.pop(0)
-                continue
-            if take and n + _samples(w) > self.max_samples:
-                break
-            take.append(self._pending.pop(0))
-            n += _samples(w)
+        """The next forward's requests; cancelled ones (the caller went away) are dropped first."""
+        self.queue.discard(lambda item: self._gone(item[1]))
+        take = self.queue.next_batch(self.max_samples)
+        if self._metrics is not None:
+            for w, _ in take:
+                self._metrics.served(w.experiment, _samples(w))
+            self._metrics.queued(self.queue.queue_lengths())
         return take
 
+    def _gone(self, f: asyncio.Future) -> bool:
+        if f.done():  # cancelled (or otherwise settled): never computed
+            self._keys.pop(id(f), None)
+            return True
+        return False
+
     async def _drain(self) -> None:
-        while self._pending:
+        while len(self.queue):
             take = self._take()
             if not take:
                 continue
@@ -67,13 +114,50 @@ class Coalescer:
             try:
                 # In a thread: the event loop keeps accepting requests during the forward.
                 results, stats = await asyncio.to_thread(self._run, [w for w, _ in take])
-            except Exception as e:  # every request of the forward gets the error, the loop goes on
-                for _, f in take:
-                    if not f.done():
-                        f.set_exception(e)
+            except Exception as e:
+                if len(take) == 1:
+                    self._settle(take[0], error=e)
+                else:
+                    await self._isolate(take, start)
                 continue
             if self._on_batch:
                 self._on_batch(stats)
-            for (w, f), r in zip(take, results):
-                if not f.done():
-                    f.set_result((r, stats, (start - w.enqueued) * 1e3))
+            for item, r in zip(take, results):
+                self._settle(item, (r, stats, (start - item[0].enqueued) * 1e3))
+
+    async def _isolate(self, take: list[tuple[Work, asyncio.Future]], start: float) -> None:
+        """A batched forward failed: each member alone, so only the one at fault fails."""
+        answers: list[tuple | BaseException] = []
+        for w, f in take:
+            if f.done():
+                answers.append(asyncio.CancelledError())
+                continue
+            try:
+                (r,), stats = await asyncio.to_thread(self._run, [w])
+                if self._on_batch:
+                    self._on_batch(stats)
+                answers.append((r, stats, (start - w.enqueued) * 1e3))
+            except Exception as e:
+                answers.append(e)
+        some_ok = any(isinstance(a, tuple) for a in answers)
+        for item, a in zip(take, answers):
+            if isinstance(a, tuple):
+                self._settle(item, a)
+            elif some_ok and not isinstance(a, SpecError):
+                err = InputRejected(f"the teacher failed on this request's inputs: {type(a).__name__}: {a}")
+                err.__cause__ = a
+                self._settle(item, error=err)
+            else:
+                self._settle(item, error=a)
+
+    def _settle(self, item: tuple[Work, asyncio.Future], result=None, error: BaseException | None = None) -> None:
+        _, f = item
+        key = self._keys.pop(id(f), None)
+        if f.done():
+            return
+        if error is not None:
+            f.set_exception(error)
+            return
+        if key is not None and self.cache is not None:
+            self.cache.put(key, result[0])
+        f.set_result(result)

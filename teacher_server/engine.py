@@ -42,13 +42,19 @@ class Work:
     inputs: dict[str, torch.Tensor]
     spec: TargetSpec
     enqueued: float = field(default_factory=time.perf_counter)
+    experiment: str = ""  # who asked: the fair scheduler's queue and the metrics' label
 
 
 @dataclass
 class BatchStats:
+    """One ``run``: its requests and samples, and the forwards it really took."""
+
     requests: int
     samples: int
     compute_ms: float
+    forwards: int = 1
+    forward_samples: tuple[int, ...] = ()  # samples of each forward
+    padding_fraction: float = 0.0  # padded token slots / all token slots fed to the model
 
 
 def parse_model(model: str) -> tuple[str, str]:
@@ -128,22 +134,44 @@ class TeacherEngine:
         self.adapter.check_values(work.inputs)
 
     def run(self, batch: list[Work]) -> tuple[list[dict[str, Output]], BatchStats]:
-        """Answer every request of ``batch``; requests with compatible inputs share one forward."""
+        """Answer every request of ``batch``; requests with compatible inputs share one forward.
+
+        Text of different lengths is compatible: it is right-padded to the longest sequence of
+        the group (attention_mask 0 on padding), and each request's outputs are cut back to its
+        own length.
+        """
         results: list[dict[str, Output] | None] = [None] * len(batch)
+        sizes: list[int] = []
+        real = slots = 0
         with self._lock:
             t0 = time.perf_counter()  # compute only: waiting for the lock is queueing
-            for idxs in _groups(batch):
-                outs = self._run_group([batch[i] for i in idxs])
+            for idxs in _groups(batch, self._paddable):
+                group = [batch[i] for i in idxs]
+                outs, (r, s) = self._run_group(group)
                 for i, o in zip(idxs, outs):
                     results[i] = o
+                sizes.append(sum(_batch_size(w) for w in group))
+                real, slots = real + r, slots + s
         stats = BatchStats(
             requests=len(batch),
             samples=sum(_batch_size(w) for w in batch),
             compute_ms=(time.perf_counter() - t0) * 1e3,
+            forwards=len(sizes),
+            forward_samples=tuple(sizes),
+            padding_fraction=(1.0 - real / slots) if slots else 0.0,
         )
         return results, stats  # type: ignore[return-value]
 
-    def _run_group(self, group: list[Work]) -> list[dict[str, Output]]:
+    @property
+    def _paddable(self) -> frozenset[str]:
+        """Inputs of shape (B, T) that may be right-padded: only when the model takes a mask."""
+        names = {i.name for i in self.inputs}
+        if "attention_mask" not in names:
+            return frozenset()
+        return frozenset(n for n in _PAD_VALUE if n in names)
+
+    def _run_group(self, group: list[Work]) -> tuple[list[dict[str, Output]], tuple[int, int]]:
+        """One forward for ``group``; also (real token slots, all token slots) for padding stats."""
         hidden: dict[str, set[int]] = {}
         attention: dict[str, set[int]] = {}
         for w in group:
@@ -153,44 +181,83 @@ class TeacherEngine:
             for m, ls in a.items():
                 attention.setdefault(m, set()).update(ls)
         want_logits = any(w.spec.logits for w in group)
-        names = group[0].inputs.keys()
-        inputs = {n: torch.cat([w.inputs[n] for w in group]).to(self.device) for n in names}
+        inputs, lengths = _collate(group, self._paddable)
+        inputs = {n: t.to(self.device) for n, t in inputs.items()}
         with torch.inference_mode(), torch.autocast(
             self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None
         ):
             cap = self.adapter.forward(inputs, hidden, attention, want_logits)
         out, start = [], 0
-        for w in group:
+        for w, T in zip(group, lengths):
             n = _batch_size(w)
             sl = slice(start, start + n)
-            masks = {m.name: _slice(self.adapter.token_mask(inputs, m.name), sl) for m in self.modules}
-            out.append(_reduce(w.spec, cap, sl, masks))
+            own = {k: v.to(self.device) for k, v in w.inputs.items()}  # the request's own mask, unpadded
+            masks = {m.name: self.adapter.token_mask(own, m.name) for m in self.modules}
+            # variable-length modules (num_tokens -1) are cut back to the request's own length
+            tokens = {m.name: (T if m.num_tokens <= 0 else None) for m in self.modules}
+            out.append(_reduce(w.spec, cap, sl, masks, tokens))
             start += n
-        return out
+        if lengths[0] is None:
+            return out, (0, 0)
+        T_max = max(lengths)
+        real = sum(_batch_size(w) * T for w, T in zip(group, lengths))
+        return out, (real, sum(_batch_size(w) for w in group) * T_max)
 
 
 def _batch_size(w: Work) -> int:
     return next(iter(w.inputs.values())).shape[0]
 
 
-def _slice(t: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
-    return None if t is None else t[sl]
+# Right-padding value per paddable input: pad token 0, mask 0 (ignored), segment 0.
+_PAD_VALUE = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0}
+# What a request that omits an optional input means by it: every token real, segment 0.
+_DEFAULT_FILL = {"attention_mask": 1, "token_type_ids": 0}
 
 
-def _groups(batch: list[Work]) -> list[list[int]]:
-    """Indices of requests whose inputs can be concatenated (same names, dtypes, sample shapes)."""
+def _groups(batch: list[Work], paddable: frozenset[str] = frozenset()) -> list[list[int]]:
+    """Indices of requests that can share a forward: same fixed-shape inputs (names, dtypes,
+    sample shapes); paddable (B, T) inputs may differ in T and in which optional ones are sent."""
     groups: dict[tuple, list[int]] = {}
     for i, w in enumerate(batch):
-        sig = tuple(sorted((k, v.dtype, tuple(v.shape[1:])) for k, v in w.inputs.items()))
-        groups.setdefault(sig, []).append(i)
+        fixed = tuple(sorted((k, v.dtype, tuple(v.shape[1:])) for k, v in w.inputs.items() if k not in paddable))
+        padded = tuple(sorted((k, v.dtype) for k, v in w.inputs.items() if k in paddable and k not in _DEFAULT_FILL))
+        groups.setdefault((fixed, padded), []).append(i)
     return list(groups.values())
 
 
-def _reduce(spec: TargetSpec, cap, sl: slice, masks: dict) -> dict[str, Output]:
-    """One request's outputs from the batch capture: slicing, reductions, then the wire dtype."""
+def _collate(group: list[Work], paddable: frozenset[str]) -> tuple[dict[str, torch.Tensor], list]:
+    """Concatenate a group along the batch; paddable inputs right-padded to the longest sequence.
+
+    Returns the inputs and each request's own sequence length (None where nothing is paddable).
+    """
+    first = group[0].inputs
+    pad_names = sorted(n for n in paddable if any(n in w.inputs for w in group))
+    if not pad_names:
+        return {n: torch.cat([w.inputs[n] for w in group]) for n in first}, [None] * len(group)
+    lengths = [next(w.inputs[n].shape[1] for n in pad_names if n in w.inputs) for w in group]
+    T = max(lengths)
+    if len(set(lengths)) > 1 and "attention_mask" not in pad_names:
+        pad_names.append("attention_mask")  # padding must be masked out
+    inputs = {n: torch.cat([w.inputs[n] for w in group]) for n in first if n not in paddable}
+    for n in pad_names:
+        parts = []
+        for w, t_i in zip(group, lengths):
+            t = w.inputs.get(n)
+            if t is None:
+                t = torch.full((_batch_size(w), t_i), _DEFAULT_FILL[n], dtype=torch.int64)
+            parts.append(torch.nn.functional.pad(t, (0, T - t_i), value=_PAD_VALUE[n]))  # (b, T)
+        inputs[n] = torch.cat(parts)  # (B, T)
+    return inputs, lengths
+
+
+def _reduce(spec: TargetSpec, cap, sl: slice, masks: dict, tokens: dict | None = None) -> dict[str, Output]:
+    """One request's outputs from the batch capture: its samples ``sl`` and, for padded modules,
+    its own first ``tokens[module]`` tokens; then reductions and the wire dtype."""
+    tokens = tokens or {}
     out: dict[str, torch.Tensor] = {}
     for module, layers in spec.hidden:
-        hs = [cap.hidden[(module, l)][sl] for l in layers]  # L x (b, T, D)
+        T = tokens.get(module)
+        hs = [cap.hidden[(module, l)][sl, :T] for l in layers]  # L x (b, T_i, D)
         if spec.hidden_reduction == "data2vec":
             out[f"data2vec.{module}"] = data2vec_target(hs, spec.data2vec_eps, masks.get(module))
         else:
@@ -198,7 +265,8 @@ def _reduce(spec: TargetSpec, cap, sl: slice, masks: dict) -> dict[str, Output]:
                 out[f"hidden.{module}.{l}"] = h
     for module, layers in spec.attention:
         for l in layers:
-            a = cap.attention[(module, l)][sl]  # (b, H, T, T)
+            T = tokens.get(module)
+            a = cap.attention[(module, l)][sl, :, :T, :T]  # (b, H, T_i, T_i)
             out[f"attention.{module}.{l}"] = head_mean(a) if spec.attention_reduction == "head_mean" else a
     if spec.logits:
         z = cap.logits[sl]  # (b, C)

@@ -1,19 +1,25 @@
 """A plain gRPC TeacherService (no Ray): for a single machine, tests, and as the reference.
 
-Each request gets its own forward (no cross-client batching: that is what the Ray Serve
-frontend adds). ``run_server`` follows the grpc examples: a context manager yielding the port.
+The sync handlers hand their requests to the same Coalescer as the Ray Serve deployment, running
+on one asyncio loop thread: requests of all clients share forwards, picked fairly across
+experiments, with the target cache and per-request isolation. A client that cancels or whose
+deadline passes has its request dropped from the queue. ``run_server`` follows the grpc examples:
+a context manager yielding the port; metrics go to a Prometheus endpoint when asked.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
-import time
+import threading
 from concurrent import futures
 from typing import Iterator
 
 import grpc
 
-from kdserve.v1 import teacher_pb2 as pb
+from kdserve.v1 import teacher_pb2 as pb  # noqa: F401  (message types of the service)
 from kdserve.v1 import teacher_pb2_grpc as pb_grpc
+from teacher_server.coalesce import Coalescer
 from teacher_server.engine import TeacherEngine
 from teacher_server.metrics import get_metrics
 from teacher_server.service import TeacherService, reply_bytes, reply_samples, status_of
@@ -25,50 +31,100 @@ SERVER_OPTIONS = [
 ]
 
 
+class _LoopThread:
+    """An asyncio loop on a daemon thread: the Coalescer's home, fed from the handler threads."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="kdserve-coalescer", daemon=True)
+        self._thread.start()
+
+    def submit(self, coro) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
 class Servicer(pb_grpc.TeacherServiceServicer):
     def __init__(self, engine: TeacherEngine):
         self.service = TeacherService(engine)
         self.metrics = get_metrics("prometheus")
+        self.coalescer = Coalescer.from_config(
+            engine, engine.cfg, on_batch=self.metrics.batch_stats, metrics=self.metrics,
+            cache_events=self.metrics.cache_event,
+        )
+        self._loop = _LoopThread()
+
+    def close(self) -> None:
+        self._loop.close()
 
     def Describe(self, request, context):
         return self.service.describe()
 
     def _compute(self, request, context, stream: bool):
-        t0 = time.perf_counter()
         try:
             work = self.service.prepare(request, stream=stream)
-            (outputs,), stats = self.service.engine.run([work])
+            work.experiment = request.experiment_id
+            pending = self._loop.submit(self.coalescer.submit([work]))
+            # client gone or deadline passed: cancel, so the queue drops it before any forward
+            context.add_callback(pending.cancel)
+            ((outputs, stats, queue_ms),) = pending.result()
+        except concurrent.futures.CancelledError:
+            self.metrics.refused(request.experiment_id, grpc.StatusCode.CANCELLED.name)
+            context.abort(grpc.StatusCode.CANCELLED, "request cancelled before its forward")
         except Exception as e:  # every failure becomes a status, never a dead server
             code, msg = status_of(e)
             self.metrics.refused(request.experiment_id, code.name)
             context.abort(code, msg)
-        self.metrics.batch(stats.requests, stats.samples, stats.compute_ms)
-        queue_ms = (time.perf_counter() - t0) * 1e3 - stats.compute_ms
-        return work, outputs, stats, max(0.0, queue_ms)
+        return work, outputs, stats, queue_ms
 
     def GetTargets(self, request, context):
         work, outputs, stats, queue_ms = self._compute(request, context, stream=False)
         reply = self.service.reply(request, work, outputs, stats, queue_ms)
-        self.metrics.answered(request.experiment_id, stats.samples, reply_bytes(reply), queue_ms)
+        self.metrics.answered(request.experiment_id, reply_samples(reply), reply_bytes(reply), queue_ms)
         return reply
 
     def StreamTargets(self, request, context):
         work, outputs, stats, queue_ms = self._compute(request, context, stream=True)
+        samples = nbytes = 0
         for chunk in self.service.chunks(request, work, outputs, stats, queue_ms):
-            self.metrics.answered(request.experiment_id, reply_samples(chunk), reply_bytes(chunk), queue_ms)
+            samples += reply_samples(chunk)
+            nbytes += reply_bytes(chunk)
             yield chunk
+        self.metrics.answered(request.experiment_id, samples, nbytes, queue_ms)  # one count per request
 
 
 @contextlib.contextmanager
-def run_server(engine: TeacherEngine, port: int = 0, host: str = "127.0.0.1", workers: int = 4) -> Iterator[int]:
-    """Serve ``engine`` on ``host:port`` (0 picks a free port); yields the bound port."""
+def run_server(
+    engine: TeacherEngine, port: int = 0, host: str = "127.0.0.1", workers: int = 64, metrics_port: int | None = None
+) -> Iterator[int]:
+    """Serve ``engine`` on ``host:port`` (0 picks a free port); yields the bound port.
+
+    ``workers`` bounds the requests in flight (each waits on a handler thread while queued).
+    ``metrics_port`` (default: the engine config's ``metrics_port``; 0 = none) serves Prometheus
+    metrics over HTTP on ``host``.
+    """
+    servicer = Servicer(engine)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
-    pb_grpc.add_TeacherServiceServicer_to_server(Servicer(engine), server)
+    pb_grpc.add_TeacherServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
+        servicer.close()
         raise OSError(f"cannot bind {host}:{port}")
+    metrics_port = engine.cfg.metrics_port if metrics_port is None else metrics_port
+    http = None
+    if metrics_port:
+        import prometheus_client
+
+        http, _ = prometheus_client.start_http_server(metrics_port, addr=host)
     server.start()
     try:
         yield bound
     finally:
         server.stop(grace=2).wait()
+        servicer.close()
+        if http is not None:
+            http.shutdown()
+            http.server_close()

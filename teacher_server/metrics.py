@@ -3,8 +3,41 @@
 Inside Ray Serve they go through ``ray.serve.metrics`` (scraped from Ray's metrics endpoint,
 with the deployment and replica tags Serve adds); elsewhere through ``prometheus_client``.
 samples/s and MB/s are ``rate()`` of the counters.
+
+Series stay bounded: experiment ids are sanitized (at most 64 characters of [A-Za-z0-9_.-]) and
+only the first ``MAX_EXPERIMENTS`` distinct ids get their own label; later ones share "other"
+(a Prometheus series cannot be relabelled once it exists, so "top N" means first N seen).
 """
 from __future__ import annotations
+
+import re
+import threading
+
+MAX_EXPERIMENTS = 32
+_BAD_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def sanitize(experiment: str) -> str:
+    return _BAD_CHARS.sub("_", experiment or "default")[:64]
+
+
+class ExperimentLabels:
+    """Experiment id -> metric label: sanitized, at most ``cap`` distinct labels, the rest "other"."""
+
+    def __init__(self, cap: int = MAX_EXPERIMENTS):
+        self.cap = cap
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, experiment: str) -> str:
+        label = sanitize(experiment)
+        with self._lock:
+            if label in self._known:
+                return label
+            if len(self._known) < self.cap:
+                self._known.add(label)
+                return label
+        return "other"
 
 _BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 _BUCKETS_BATCH = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
@@ -22,6 +55,9 @@ class TeacherMetrics:
             def hist(name, doc, buckets, tags):
                 return m.Histogram(name, description=doc, boundaries=buckets, tag_keys=tags)
 
+            def gauge(name, doc, tags):
+                return m.Gauge(name, description=doc, tag_keys=tags)
+
         else:
             import prometheus_client as m
 
@@ -30,6 +66,9 @@ class TeacherMetrics:
 
             def hist(name, doc, buckets, tags):
                 return _PromAdapter(m.Histogram(name, doc, list(tags), buckets=buckets))
+
+            def gauge(name, doc, tags):
+                return _PromAdapter(m.Gauge(name, doc, list(tags)))
 
         exp = ("experiment",)
         self.requests = counter("kdserve_teacher_requests", "Target requests answered.", exp)
@@ -40,9 +79,19 @@ class TeacherMetrics:
         self.compute_ms = hist("kdserve_teacher_compute_ms", "Forward + reductions per batch.", _BUCKETS_MS, ())
         self.batch_samples = hist("kdserve_teacher_batch_samples", "Samples per server batch.", _BUCKETS_BATCH, ())
         self.batch_requests = hist("kdserve_teacher_batch_requests", "Requests per server batch.", _BUCKETS_BATCH, ())
+        self.forward_samples = hist("kdserve_teacher_forward_samples", "Samples per model forward.", _BUCKETS_BATCH, ())
+        self.padding = hist("kdserve_teacher_padding_fraction", "Padded share of the token slots of a batch.",
+                            [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9], ())
+        self.served_samples = counter("kdserve_teacher_served_samples",
+                                      "Samples sent to a forward, by experiment (what the scheduler shares).", exp)
+        self.queue_len = gauge("kdserve_teacher_queue_requests", "Requests waiting for a forward.", exp)
+        self.cache_events = counter("kdserve_teacher_cache_events", "Target cache hits, misses, evictions.", ("event",))
+        self.cache_size = gauge("kdserve_teacher_cache_bytes", "Bytes held by the target cache.", ())
+        self.labels = ExperimentLabels()
 
     def answered(self, experiment: str, samples: int, nbytes: int, queue_ms: float) -> None:
-        tags = {"experiment": experiment or "default"}
+        """Once per request (a stream counts once, with all its samples and bytes)."""
+        tags = {"experiment": self.labels(experiment)}
         self.requests.inc(1, tags=tags)
         if samples > 0:  # ray's counters refuse 0
             self.samples.inc(samples, tags=tags)
@@ -50,13 +99,42 @@ class TeacherMetrics:
             self.bytes_out.inc(nbytes, tags=tags)
         self.queue_ms.observe(queue_ms, tags=tags)
 
-    def batch(self, requests: int, samples: int, compute_ms: float) -> None:
+    def batch(self, requests: int, samples: int, compute_ms: float, stats=None) -> None:
         self.compute_ms.observe(compute_ms)
         self.batch_samples.observe(samples)
         self.batch_requests.observe(requests)
+        if stats is not None:
+            for n in stats.forward_samples:
+                self.forward_samples.observe(n)
+            if stats.forwards:
+                self.padding.observe(stats.padding_fraction)
+
+    def batch_stats(self, stats) -> None:
+        """The Coalescer's ``on_batch``."""
+        self.batch(stats.requests, stats.samples, stats.compute_ms, stats)
 
     def refused(self, experiment: str, code: str) -> None:
-        self.errors.inc(1, tags={"experiment": experiment or "default", "code": code})
+        self.errors.inc(1, tags={"experiment": self.labels(experiment), "code": code})
+
+    # -- the Coalescer's hooks ---------------------------------------------------------------
+    def served(self, experiment: str, samples: int) -> None:
+        if samples > 0:
+            self.served_samples.inc(samples, tags={"experiment": self.labels(experiment)})
+
+    def queued(self, lengths: dict[str, int]) -> None:
+        per_label: dict[str, int] = {}
+        for exp, n in lengths.items():
+            label = self.labels(exp)
+            per_label[label] = per_label.get(label, 0) + n
+        for label, n in per_label.items():
+            self.queue_len.set(n, tags={"experiment": label})
+
+    def cache_event(self, kind: str, n: int = 1) -> None:
+        """The TargetCache's ``on_event``: "hit"/"miss"/"eviction" counts, "bytes" its size."""
+        if kind == "bytes":
+            self.cache_size.set(n)
+        elif n > 0:
+            self.cache_events.inc(n, tags={"event": kind})
 
 
 _SHARED: dict[str, TeacherMetrics] = {}
@@ -83,3 +161,6 @@ class _PromAdapter:
 
     def observe(self, value, tags=None):
         self._m(tags).observe(value)
+
+    def set(self, value, tags=None):
+        self._m(tags).set(value)

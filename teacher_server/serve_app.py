@@ -39,9 +39,9 @@ class TeacherDeployment:
         self.engine = TeacherEngine.from_config(self.cfg)
         self.service = TeacherService(self.engine, self.cfg)
         self.metrics = get_metrics("ray")
-        self.coalescer = Coalescer(
-            self.engine.run, self.cfg.max_batch_size,
-            on_batch=lambda s: self.metrics.batch(s.requests, s.samples, s.compute_ms),
+        self.coalescer = Coalescer.from_config(
+            self.engine, self.cfg, on_batch=self.metrics.batch_stats, metrics=self.metrics,
+            cache_events=self.metrics.cache_event,
         )
         self._batched.set_max_batch_size(self.cfg.max_batch_requests)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -54,7 +54,7 @@ class TeacherDeployment:
         if answer is None:
             return pb.TargetsReply()
         reply = self.service.reply(request, *answer)
-        self.metrics.answered(request.experiment_id, answer[2].samples, reply_bytes(reply), answer[3])
+        self.metrics.answered(request.experiment_id, reply_samples(reply), reply_bytes(reply), answer[3])
         return reply
 
     async def StreamTargets(self, request: pb.TargetsRequest, grpc_context):
@@ -63,14 +63,18 @@ class TeacherDeployment:
             # A generator that just returns ends the stream with OK; raising makes Serve send the
             # status code set on grpc_context.
             raise Refused(grpc_context.details())
+        samples = nbytes = 0
         for chunk in self.service.chunks(request, *answer):
-            self.metrics.answered(request.experiment_id, reply_samples(chunk), reply_bytes(chunk), answer[3])
+            samples += reply_samples(chunk)
+            nbytes += reply_bytes(chunk)
             yield chunk
+        self.metrics.answered(request.experiment_id, samples, nbytes, answer[3])  # one count per request
 
     async def _answer(self, request, grpc_context, stream: bool):
         """(work, outputs, stats, queue_ms), or None after setting an error status."""
         try:
             work = self.service.prepare(request, stream=stream)
+            work.experiment = request.experiment_id
             outputs, stats, queue_ms = await self._batched(work)
         except Exception as e:  # a status for the client; the replica stays up
             code, msg = status_of(e)

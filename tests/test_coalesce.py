@@ -85,3 +85,95 @@ def test_a_failed_forward_fails_its_requests_only():
 
     ((out, _, _),) = asyncio.run(main())
     assert torch.equal(out["y"], torch.full((1, 1), 4.0))
+
+
+def xwork(n: int, tag: float, experiment: str, tokens: int = 1) -> Work:
+    return Work({"x": torch.full((n, tokens), tag)}, TargetSpec(logits=True), experiment=experiment)
+
+
+def test_light_experiment_gets_into_the_next_forward_under_a_flood():
+    """Counts only: which forward the light request lands in, fair vs FIFO."""
+
+    def forwards_until_light(scheduler: str) -> int:
+        engine = SlowEngine(seconds=0.02)
+        c = Coalescer(engine.run, max_samples=64, scheduler=scheduler)
+
+        async def main():
+            first = asyncio.create_task(c.submit([xwork(32, -1.0, "flood")]))
+            await _wait_busy(engine)
+            flood = [asyncio.create_task(c.submit([xwork(32, float(i), "flood")])) for i in range(20)]
+            await asyncio.sleep(0)  # all flood requests queued before the light one
+            light = asyncio.create_task(c.submit([xwork(2, 100.0, "light")]))
+            await asyncio.gather(first, light, *flood)
+
+        asyncio.run(main())
+        return next(i for i, f in enumerate(engine.forwards) if 100.0 in f)
+
+    assert forwards_until_light("fair") == 1  # the forward right after the one running
+    assert forwards_until_light("fifo") == 11  # behind 20 flood requests, 2 per forward
+
+
+def test_cancelled_work_is_never_computed():
+    engine = SlowEngine(seconds=0.05)
+    c = Coalescer(engine.run, max_samples=64)
+
+    async def main():
+        first = asyncio.create_task(c.submit([xwork(1, 0.0, "a")]))
+        await _wait_busy(engine)
+        gone = asyncio.create_task(c.submit([xwork(1, 1.0, "b")]))
+        kept = asyncio.create_task(c.submit([xwork(1, 2.0, "a")]))
+        await asyncio.sleep(0.001)
+        gone.cancel()  # the client went away while queued
+        await asyncio.gather(first, kept)
+        assert gone.cancelled()
+
+    asyncio.run(main())
+    assert engine.forwards == [[0.0], [2.0]]
+
+
+class BadInputEngine(SlowEngine):
+    """Fails any forward containing the input tagged -1 (as a model would on a bad token id)."""
+
+    def run(self, works):
+        self.forwards.append([float(w.inputs["x"][0, 0]) for w in works])
+        if any(float(w.inputs["x"][0, 0]) == -1.0 for w in works):
+            raise IndexError("index out of range in self")
+        return [{"y": w.inputs["x"] * 2} for w in works], BatchStats(len(works), len(works), 1.0)
+
+
+def test_a_bad_request_fails_alone_and_the_others_of_its_batch_succeed():
+    from teacher_server.coalesce import InputRejected
+    from teacher_server.spec import SpecError
+
+    engine = BadInputEngine()
+    c = Coalescer(engine.run, max_samples=64)
+
+    async def main():
+        works = [xwork(1, 1.0, "a"), xwork(1, -1.0, "b"), xwork(1, 3.0, "c")]
+        return await asyncio.gather(*(c.submit([w]) for w in works), return_exceptions=True)
+
+    good1, bad, good2 = asyncio.run(main())
+    assert engine.forwards == [[1.0, -1.0, 3.0], [1.0], [-1.0], [3.0]]  # batched, then one by one
+    assert isinstance(bad, InputRejected) and isinstance(bad, SpecError)  # -> INVALID_ARGUMENT
+    assert isinstance(bad.__cause__, IndexError)
+    assert torch.equal(good1[0][0]["y"], torch.full((1, 1), 2.0))
+    assert torch.equal(good2[0][0]["y"], torch.full((1, 1), 6.0))
+
+
+def test_cache_hit_skips_the_forward():
+    from teacher_server.target_cache import TargetCache
+
+    engine = SlowEngine(seconds=0.0)
+    c = Coalescer(engine.run, max_samples=64, cache=TargetCache(1 << 20, "fp"))
+
+    async def main():
+        (a,) = await c.submit([xwork(2, 5.0, "exp1")])
+        (b,) = await c.submit([xwork(2, 5.0, "exp2")])  # another experiment, same inputs and spec
+        (d,) = await c.submit([xwork(2, 6.0, "exp2")])
+        return a, b, d
+
+    a, b, d = asyncio.run(main())
+    assert engine.forwards == [[5.0], [6.0]]
+    assert b[1].forwards == 0 and b[0]["y"] is a[0]["y"]
+    assert torch.equal(d[0]["y"], torch.full((2, 1), 12.0))
+    assert (c.cache.hits, c.cache.misses) == (1, 2)

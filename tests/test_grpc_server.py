@@ -102,3 +102,161 @@ def test_unknown_token_ids_are_invalid(minilm_engine):
         ok = stub.GetTargets(wire.build_request({"input_ids": torch.tensor([[101, 2000, 102]])},
                                                 wire.target_spec(hidden={"text": [6]})))
         assert codec.decode(ok.outputs["hidden.text.6"]).shape == (1, 3, 384)
+
+
+# -- one coalescer for all clients: isolation, cancellation, bounded metrics ---------------------------
+
+import contextlib  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from concurrent import futures  # noqa: E402
+
+from teacher_server.grpc_server import SERVER_OPTIONS, Servicer  # noqa: E402
+from teacher_server.metrics import ExperimentLabels, sanitize  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+
+
+@contextlib.contextmanager
+def _servicer_server(engine):
+    """run_server's own parts, keeping a handle on the servicer to see its queue."""
+    servicer = Servicer(engine)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=SERVER_OPTIONS)
+    pb_grpc.add_TeacherServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=wire.CHANNEL_OPTIONS) as ch:
+            yield servicer, pb_grpc.TeacherServiceStub(ch)
+    finally:
+        server.stop(grace=1).wait()
+        servicer.close()
+
+
+def _until(cond, what: str, limit: float = 20.0):
+    end = time.monotonic() + limit
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def _text(seed: int, T: int):
+    return torch.randint(1000, 5000, (2, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _call(stub, req, out: dict, name: str, **kw):
+    try:
+        out[name] = stub.GetTargets(req, **kw)
+    except grpc.RpcError as e:
+        out[name] = e
+
+
+@contextlib.contextmanager
+def _held(engine, servicer, stub, results):
+    """Hold the engine: a blocker request is taken into a forward that waits for the engine lock,
+    so what is sent meanwhile queues and forms the next forward together."""
+    engine._lock.acquire()
+    spec = wire.target_spec(hidden={"text": [1]})
+    blocker = threading.Thread(target=_call, args=(stub, wire.build_request(
+        {"input_ids": _text(9, 4)}, spec, experiment_id="blocker"), results, "blocker"))
+    blocker.start()
+    _until(lambda: servicer.coalescer.queue.served_samples().get("blocker"), "the blocker's forward")
+    try:
+        yield
+    finally:
+        engine._lock.release()
+        blocker.join()
+
+
+def test_bad_request_fails_alone_with_invalid_argument(minilm_engine, monkeypatch):
+    forwards = []
+    forward = minilm_engine.adapter.forward
+    monkeypatch.setattr(minilm_engine.adapter, "forward",
+                        lambda inputs, *a, **k: (forwards.append(inputs["input_ids"].shape), forward(inputs, *a, **k))[1])
+    spec = wire.target_spec(hidden={"text": [6]})
+    bad_types = torch.full((2, 7), 7, dtype=torch.int64)  # segment ids past type_vocab_size (2)
+    reqs = {
+        "good-a": wire.build_request({"input_ids": _text(1, 5)}, spec, experiment_id="exp-a"),
+        "bad": wire.build_request({"input_ids": _text(2, 7), "token_type_ids": bad_types}, spec, experiment_id="exp-b"),
+        "good-c": wire.build_request({"input_ids": _text(3, 11)}, spec, experiment_id="exp-c"),
+    }
+    results: dict = {}
+    with _servicer_server(minilm_engine) as (servicer, stub):
+        with _held(minilm_engine, servicer, stub, results):
+            threads = [threading.Thread(target=_call, args=(stub, r, results, n)) for n, r in reqs.items()]
+            for t in threads:
+                t.start()
+            _until(lambda: len(servicer.coalescer.queue) == 3, "three queued requests")
+        for t in threads:
+            t.join()
+        assert stub.Describe(pb.DescribeRequest()).fingerprint == minilm_engine.fingerprint  # still up
+    assert (6, 11) in forwards  # the three shared one padded forward (2 samples each, longest 11) first
+    bad = results["bad"]
+    assert isinstance(bad, grpc.RpcError) and bad.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+    assert "IndexError" in bad.details()
+    for name, seed, T in (("good-a", 1, 5), ("good-c", 3, 11)):
+        got = codec.decode(results[name].outputs["hidden.text.6"])
+        (ref,), _ = minilm_engine.run([Work({"input_ids": _text(seed, T)}, TargetSpec(hidden=(("text", (6,)),)))])
+        torch.testing.assert_close(got, ref["hidden.text.6"], rtol=1e-4, atol=1e-4)
+
+
+def test_request_past_its_deadline_is_never_computed(minilm_engine, monkeypatch):
+    forwards = []
+    forward = minilm_engine.adapter.forward
+    monkeypatch.setattr(minilm_engine.adapter, "forward",
+                        lambda inputs, *a, **k: (forwards.append(inputs["input_ids"].shape), forward(inputs, *a, **k))[1])
+    spec = wire.target_spec(hidden={"text": [1]})
+    results: dict = {}
+    with _servicer_server(minilm_engine) as (servicer, stub):
+        with _held(minilm_engine, servicer, stub, results):
+            late = wire.build_request({"input_ids": _text(5, 13)}, spec, experiment_id="late")
+            _call(stub, late, results, "late", timeout=0.3)  # gives up while queued
+        ok = stub.GetTargets(wire.build_request({"input_ids": _text(6, 3)}, spec, experiment_id="after"))
+    assert results["late"].code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert codec.decode(ok.outputs["hidden.text.1"]).shape == (2, 3, 384)
+    assert [s[1] for s in forwards] == [4, 3]  # the blocker and the one after; no 13-token forward
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def _value(text: str, name: str, **labels) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_metrics_endpoint_counts_a_stream_once():
+    mport = free_port()
+    exp = "metrics test/é"  # sanitized to metrics_test__
+    x = torch.rand(4, 3, 32, 32)
+    req = wire.build_request({"pixel_values": x}, wire.target_spec(hidden={"vision": [1, 2]}), experiment_id=exp)
+    engine = TeacherEngine.from_config(tiny_vit_config(stream_chunk_bytes=4096))
+    with run_server(engine, metrics_port=mport) as port, grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = pb_grpc.TeacherServiceStub(ch)
+        before = _scrape(mport)
+        chunks = list(stub.StreamTargets(req))
+        stub.GetTargets(req)
+        after = _scrape(mport)
+    assert len(chunks) == 4  # 2 x 17 x 32 x 4 B = 4352 B per sample: one sample per chunk
+    label = sanitize(exp)
+    assert label == "metrics_test__"
+    delta = lambda name: _value(after, name, experiment=label) - _value(before, name, experiment=label)  # noqa: E731
+    assert delta("kdserve_teacher_requests_total") == 2  # one stream of 4 chunks + one unary
+    assert delta("kdserve_teacher_samples_total") == 8
+    assert delta("kdserve_teacher_served_samples_total") == 8
+
+
+def test_experiment_labels_are_sanitized_and_capped():
+    labels = ExperimentLabels(cap=3)
+    assert labels("run/7 ü") == "run_7__"
+    assert labels("x" * 100) == "x" * 64
+    assert labels("") == "default"
+    assert labels("late-comer") == "other"  # over the cap
+    assert labels("run/7 ü") == "run_7__"  # a known one keeps its label
+    assert labels("run:7 ?") == "run_7__"  # sanitizes onto a known label: no new series

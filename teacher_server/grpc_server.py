@@ -8,13 +8,15 @@ from __future__ import annotations
 import contextlib
 import time
 from concurrent import futures
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import grpc
 
+from kdserve import auth
 from kdserve.v1 import teacher_pb2 as pb
 from kdserve.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.engine import TeacherEngine
+from teacher_server.health import HealthReporter
 from teacher_server.metrics import get_metrics
 from teacher_server.service import TeacherService, reply_bytes, reply_samples, status_of
 
@@ -60,15 +62,28 @@ class Servicer(pb_grpc.TeacherServiceServicer):
 
 
 @contextlib.contextmanager
-def run_server(engine: TeacherEngine, port: int = 0, host: str = "127.0.0.1", workers: int = 4) -> Iterator[int]:
-    """Serve ``engine`` on ``host:port`` (0 picks a free port); yields the bound port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
+def run_server(engine: TeacherEngine, port: int = 0, host: str = "127.0.0.1", workers: int = 4, *,
+               auth_token: str | None = None, allow_unauthenticated_describe: bool = False,
+               tls: grpc.ServerCredentials | None = None, interceptors: Sequence = (),
+               health_interval_s: float = 30.0) -> Iterator[int]:
+    """Serve ``engine`` on ``host:port`` (0 picks a free port); yields the bound port.
+
+    ``auth_token``: calls need ``authorization: Bearer <token>`` (kdserve.auth); ``tls``: see
+    kdserve.tls.server_credentials; grpc.health.v1 follows a probe forward (teacher_server.health).
+    """
+    chain = [*auth.interceptors(auth_token, allow_unauthenticated_describe), *interceptors]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS, interceptors=chain)
     pb_grpc.add_TeacherServiceServicer_to_server(Servicer(engine), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    reporter = HealthReporter(engine, health_interval_s)
+    reporter.add_to_server(server)
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
+    reporter.start()
     server.start()
     try:
         yield bound
     finally:
+        reporter.stop()
         server.stop(grace=2).wait()

@@ -201,7 +201,10 @@ class GrpcTransport(Transport):
                  tls_ca_file: str | None = None, auth_token: str | None = None):
         self.target = target
         self.application = application
-        self.tls = bool(use_tls or tls_ca_file)
+        if tls_ca_file and not use_tls:
+            raise ValueError(f"tls_ca_file is set but the teacher address {address or target!r} is not grpcs://: "
+                             "use grpcs://host:port for TLS")
+        self.tls = bool(use_tls)
         scheme = "grpcs" if self.tls else "grpc"
         self.address = address or f"{scheme}://{target}" + (f"/{application}" if application else "")
         self.options = list(options)

@@ -34,7 +34,7 @@ DIMS = [0, 1, 2, 3, 7, 8, 9, 17, 32, 511, 512, 513, 2**31 - 1, 2**31, 2**32, 2**
 
 def _text_inputs(rng: random.Random) -> dict[str, torch.Tensor]:
     b, t = rng.randint(1, 3), rng.randint(2, 12)
-    ids = torch.randint(1000, 2000, (b, t), generator=torch.Generator().manual_seed(rng.random().hex().__hash__() % 2**31))
+    ids = torch.randint(1000, 2000, (b, t), generator=torch.Generator().manual_seed(rng.randrange(2**31)))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
@@ -43,7 +43,7 @@ def _valid(rng: random.Random, text: bool) -> pb.TargetsRequest:
         inputs = _text_inputs(rng)
         spec = wire.target_spec(hidden={"text": [rng.choice([1, 3, -1])]}, dtype=rng.choice(["float32", "int8"]))
     else:
-        inputs = {"pixel_values": torch.rand(rng.randint(1, 3), 3, 32, 32)}
+        inputs = {"pixel_values": torch.rand(rng.randint(1, 3), 3, 32, 32, generator=torch.Generator().manual_seed(rng.randrange(2**31)))}
         spec = wire.target_spec(hidden={"vision": [1, -1]}, attention={"vision": [2]}, logits=rng.random() < 0.5)
     b = next(iter(inputs.values())).shape[0]
     return wire.build_request(inputs, spec, experiment_id="fuzz", sample_keys=[f"k{i}" for i in range(b)])
@@ -142,8 +142,9 @@ def m_long_sequence(req, rng):
     if "input_ids" not in req.inputs:
         return m_one_dim(req, rng)
     t = rng.choice([513, 600, 2000])
-    ids = torch.randint(1000, 2000, (1, t))
-    del req.inputs["attention_mask"]
+    ids = torch.randint(1000, 2000, (1, t), generator=torch.Generator().manual_seed(t))
+    if "attention_mask" in req.inputs:
+        del req.inputs["attention_mask"]
     req.inputs["input_ids"].CopyFrom(codec.encode(ids))
     del req.sample_keys[:]
 

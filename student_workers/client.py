@@ -2,11 +2,15 @@
 
 A student training asks the teacher for distillation targets once per step; the client hides the
 transport (``Transport``, picked by the address scheme: ``grpc://`` for the gRPC and Ray Serve
-frontends, ``triton://`` for Triton, see ``student_workers.triton_transport``), and makes the
-failure modes of a shared, remote teacher explicit instead of silent:
+frontends, ``grpcs://`` for the same over TLS, ``triton://`` for Triton, see
+``student_workers.triton_transport``), and makes the failure modes of a shared, remote teacher
+explicit instead of silent:
 
+* the shared bearer token (``auth_token_file`` or ``$KDSERVE_AUTH_TOKEN``, see kdserve.auth) goes
+  with every call;
 * transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) are retried with exponential backoff and
-  jitter, and the channel is rebuilt after UNAVAILABLE (the server may have been restarted);
+  jitter until a total ``retry_budget_s`` is spent (long enough to cover a teacher restart), and
+  the channel is rebuilt after UNAVAILABLE (the server may have been restarted);
 * every other status is the caller's mistake or a hard limit and raises ``TeacherError`` at once;
 * targets from two different teachers must never mix in one run: every reply's fingerprint is
   checked against the first one seen (or a given one) and a change raises ``FingerprintMismatch``.
@@ -20,6 +24,7 @@ import abc
 import asyncio
 import concurrent.futures
 import importlib
+import logging
 import os
 import random
 import threading
@@ -31,11 +36,12 @@ from urllib.parse import urlsplit
 import grpc
 import torch
 
-from kdserve import codec, registry, wire
+from kdserve import auth, codec, registry, tls, wire
 from kdserve.v1 import teacher_pb2 as pb
 from kdserve.v1 import teacher_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
+log = logging.getLogger("kdserve.client")
 
 # Codes worth another attempt: the teacher may come back (restart, rolling update, overload).
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -47,22 +53,49 @@ GRPC_OPTIONS = [*wire.CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
 
 
 # -- errors ------------------------------------------------------------------------------------
+DETAILS_CHARS = 300  # of a server's message quoted in ours
+
+
+def _clip(text: str, limit: int = DETAILS_CHARS) -> str:
+    """One printable line: a server (or proxy) message may be long or hold control characters."""
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[: limit + 1])
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+def _rebuild(cls: type, message: str, state: dict) -> "TeacherError":
+    err = cls.__new__(cls)
+    err.args = (message,)
+    err.__dict__.update(state)
+    return err
+
+
 class TeacherError(RuntimeError):
     """The teacher answered with a non-OK status (or its answer cannot be used).
 
     ``code`` is a ``grpc.StatusCode`` (the vocabulary of every transport kdserve speaks);
-    ``details`` the server's message; ``address`` the teacher asked.
+    ``details`` the server's message; ``address`` the teacher asked. Picklable (errors of a
+    Ray Train worker travel to the driver), subclasses included.
     """
 
     def __init__(self, code: grpc.StatusCode, details: str, address: str = "", message: str | None = None):
         self.code = code
         self.details = details
         self.address = address
-        super().__init__(message or f"teacher at {address or '?'} answered {code.name}: {details}")
+        super().__init__(message or f"teacher at {address or '?'} answered {code.name}: {_clip(details)}")
+
+    def __reduce__(self):
+        # The default rebuilds with cls(*self.args), which does not match these __init__s.
+        return _rebuild, (type(self), str(self), dict(self.__dict__))
 
 
 class TeacherUnavailable(TeacherError):
-    """Retries on UNAVAILABLE / DEADLINE_EXCEEDED are exhausted: the teacher is not answering."""
+    """The retry budget for UNAVAILABLE / DEADLINE_EXCEEDED is spent: the teacher is not answering.
+
+    ``elapsed_s``: seconds from the first attempt to giving up; ``attempts``: calls made.
+    """
+
+    elapsed_s: float = 0.0
+    attempts: int = 0
 
 
 class FingerprintMismatch(TeacherError):
@@ -154,38 +187,63 @@ def make_transport(address: str, **kwargs: Any) -> Transport:
     return cls.from_address(address, **kwargs)
 
 
+@registry.register("transport", "grpcs")
 @registry.register("transport", "grpc")
 class GrpcTransport(Transport):
-    """TeacherService over grpc.aio; ``grpc://host:port/<app>`` routes to a Ray Serve application."""
+    """TeacherService over grpc.aio; ``grpc://host:port/<app>`` routes to a Ray Serve application.
+
+    ``grpcs://`` (or ``use_tls=True``) speaks TLS, trusting ``tls_ca_file`` (PEM) or the system roots;
+    ``auth_token`` is sent as ``authorization: Bearer <token>`` on every call.
+    """
 
     def __init__(self, target: str, application: str = "", address: str | None = None,
-                 options: Iterable[tuple[str, Any]] = GRPC_OPTIONS):
+                 options: Iterable[tuple[str, Any]] = GRPC_OPTIONS, *, use_tls: bool = False,
+                 tls_ca_file: str | None = None, auth_token: str | None = None):
         self.target = target
         self.application = application
-        self.address = address or f"grpc://{target}" + (f"/{application}" if application else "")
+        if tls_ca_file and not use_tls:
+            raise ValueError(f"tls_ca_file is set but the teacher address {address or target!r} is not grpcs://: "
+                             "use grpcs://host:port for TLS")
+        self.tls = bool(use_tls)
+        scheme = "grpcs" if self.tls else "grpc"
+        self.address = address or f"{scheme}://{target}" + (f"/{application}" if application else "")
         self.options = list(options)
+        # read now: a bad CA file is a configuration error, not a retryable failure later
+        self._credentials = tls.channel_credentials(tls_ca_file) if self.tls else None
         # Ray Serve's gRPC proxy picks the application from this metadata key.
-        self.metadata: tuple[tuple[str, str], ...] = (("application", application),) if application else ()
+        self.metadata: tuple[tuple[str, str], ...] = (
+            *((("application", application),) if application else ()),
+            *auth.metadata(auth_token),
+        )
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.TeacherServiceStub | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pid = 0
         self._closing: set[asyncio.Task] = set()
 
+    def __repr__(self) -> str:  # metadata holds the token
+        return f"GrpcTransport({self.address!r})"
+
     @classmethod
     def from_address(cls, address: str, **kwargs: Any) -> "GrpcTransport":
-        parts, rest = parse_address(address, "grpc", "grpc://host:port[/app]")
+        scheme = "grpcs" if split_address(address)[0] == "grpcs" else "grpc"
+        parts, rest = parse_address(address, scheme, f"{scheme}://host:port[/app]")
         app = parts.path.strip("/")
         if "/" in app:
             raise ValueError(f"teacher address {address!r}: the path must be one Serve application name")
-        return cls(parts.netloc, app, address=f"grpc://{rest}", **kwargs)
+        if scheme == "grpcs":
+            kwargs["use_tls"] = True
+        return cls(parts.netloc, app, address=f"{scheme}://{rest}", **kwargs)
 
     def _stub_here(self) -> tuple[grpc.aio.Channel, pb_grpc.TeacherServiceStub]:
         """The channel of this loop and process, created on first use (never shared across them)."""
         loop = asyncio.get_running_loop()
         if self._channel is None or self._loop is not loop or self._pid != os.getpid():
             # A channel of another loop or of the parent process cannot be used (nor closed) here.
-            self._channel = grpc.aio.insecure_channel(self.target, options=self.options)
+            if self._credentials is not None:
+                self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=self.options)
+            else:
+                self._channel = grpc.aio.insecure_channel(self.target, options=self.options)
             self._stub = pb_grpc.TeacherServiceStub(self._channel)
             self._loop, self._pid = loop, os.getpid()
         return self._channel, self._stub  # type: ignore[return-value]
@@ -305,10 +363,13 @@ def estimate_reply_bytes(info: pb.TeacherInfo, inputs: Mapping[str, torch.Tensor
 class TeacherClient:
     """Async client of one teacher. Create it anywhere; it connects on first use in its loop.
 
-    ``timeout``: deadline of one attempt (seconds). ``max_retries``: extra attempts after
-    UNAVAILABLE / DEADLINE_EXCEEDED, waiting ``backoff_s * 2**i`` (capped by ``max_backoff_s``,
-    times a random factor in [0.5, 1]) between them. ``stream``: None picks StreamTargets only
-    when the reply would exceed the teacher's ``max_reply_bytes``.
+    ``timeout``: deadline of one attempt (seconds). After UNAVAILABLE / DEADLINE_EXCEEDED the call
+    is retried, waiting ``backoff_s * 2**i`` (capped by ``max_backoff_s``, times a random factor in
+    [0.5, 1]) between attempts, until ``retry_budget_s`` seconds have passed since the first
+    attempt (the default covers a teacher restart); ``max_retries`` optionally also caps the count.
+    ``stream``: None picks StreamTargets only when the reply would exceed the teacher's
+    ``max_reply_bytes``. ``auth_token`` (else ``auth_token_file``, else ``$KDSERVE_AUTH_TOKEN``)
+    is sent as a bearer token; ``tls_ca_file`` turns on TLS trusting that CA (as ``grpcs://``).
     """
 
     def __init__(
@@ -317,7 +378,8 @@ class TeacherClient:
         *,
         experiment_id: str = "",
         timeout: float = 60.0,
-        max_retries: int = 5,
+        retry_budget_s: float = 120.0,
+        max_retries: int | None = None,
         backoff_s: float = 0.5,
         max_backoff_s: float = 10.0,
         expected_fingerprint: str | None = None,
@@ -325,14 +387,23 @@ class TeacherClient:
         dequantize: bool = True,
         transport: Transport | None = None,
         seed: int | None = None,
+        auth_token: str | None = None,
+        auth_token_file: str | None = None,
+        tls_ca_file: str | None = None,
     ):
-        if timeout <= 0 or max_retries < 0 or backoff_s < 0:
-            raise ValueError("timeout must be > 0, max_retries and backoff_s >= 0")
-        self.transport = transport or make_transport(address)
+        if timeout <= 0 or retry_budget_s < 0 or backoff_s < 0 or (max_retries is not None and max_retries < 0):
+            raise ValueError("timeout must be > 0; retry_budget_s, max_retries and backoff_s >= 0")
+        if transport is None:
+            kwargs: dict[str, Any] = {}
+            if split_address(address)[0] in ("grpc", "grpcs"):
+                kwargs = dict(auth_token=auth_token or auth.load_token(auth_token_file), tls_ca_file=tls_ca_file)
+            transport = make_transport(address, **kwargs)
+        self.transport = transport
         self.address = self.transport.address
         self.experiment_id = experiment_id
         self.timeout = float(timeout)
-        self.max_retries = int(max_retries)
+        self.retry_budget_s = float(retry_budget_s)
+        self.max_retries = None if max_retries is None else int(max_retries)
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
         self.expected_fingerprint = expected_fingerprint
@@ -342,6 +413,9 @@ class TeacherClient:
         self._info: pb.TeacherInfo | None = None
         self._rng = random.Random(seed)
 
+    def __repr__(self) -> str:
+        return f"TeacherClient({self.address!r}, experiment_id={self.experiment_id!r})"
+
     # -- policy ----------------------------------------------------------------------------
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before retry ``attempt`` (0-based): exponential, capped, jittered."""
@@ -349,35 +423,50 @@ class TeacherClient:
         return base * self._rng.uniform(0.5, 1.0)
 
     def max_call_s(self) -> float:
-        """Upper bound of one call's wall time, retries included (for outer watchdogs)."""
-        sleeps = sum(min(self.max_backoff_s, self.backoff_s * 2**i) for i in range(self.max_retries))
-        return (self.max_retries + 1) * self.timeout + sleeps
+        """Upper bound of one call's wall time, retries included (for outer watchdogs).
 
-    async def _with_retries(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
-        for attempt in range(self.max_retries + 1):
+        The last attempt starts within the budget and lasts at most ``timeout``.
+        """
+        by_budget = self.retry_budget_s + self.timeout
+        if self.max_retries is None:
+            return by_budget
+        sleeps = sum(min(self.max_backoff_s, self.backoff_s * 2**i) for i in range(self.max_retries))
+        return min(by_budget, (self.max_retries + 1) * self.timeout + sleeps)
+
+    async def _with_retries(self, what: str, fn: Callable[[], Awaitable[T]], started: float | None = None) -> T:
+        """``fn()`` until it succeeds, fails for good, or the retry budget (from ``started``) is spent."""
+        t0 = time.monotonic() if started is None else started
+        attempt = 0
+        while True:
             try:
                 return await fn()
             except TeacherError as e:
                 if e.code not in RETRYABLE or isinstance(e, (FingerprintMismatch, TeacherUnavailable)):
                     raise
-                if attempt == self.max_retries:
-                    raise self._unavailable(what, attempt + 1, e) from e
+                elapsed = time.monotonic() - t0
+                wait = self.backoff(attempt)
+                if elapsed + wait > self.retry_budget_s or (self.max_retries is not None and attempt >= self.max_retries):
+                    raise self._unavailable(what, attempt + 1, elapsed, e) from None
+                attempt += 1
                 self.stats.retries += 1
-                await asyncio.sleep(self.backoff(attempt))
-        raise AssertionError("unreachable")
+                log.warning("teacher unavailable, retrying (%d, %.1f s): %s at %s answered %s",
+                            attempt, elapsed, what, self.address, e.code.name)
+                await asyncio.sleep(wait)
 
-    def _unavailable(self, what: str, attempts: int, last: TeacherError) -> TeacherUnavailable:
-        return TeacherUnavailable(
+    def _unavailable(self, what: str, attempts: int, elapsed: float, last: TeacherError) -> TeacherUnavailable:
+        err = TeacherUnavailable(
             last.code,
             last.details,
             self.address,
             message=(
-                f"teacher at {self.address} did not answer {what} after {attempts} attempts "
-                f"(last: {last.code.name}: {last.details}); check that the teacher server is running "
-                "and reachable from this machine (host, port, firewall, Serve application name), "
-                f"or raise timeout ({self.timeout:g} s) / max_retries ({self.max_retries})"
+                f"teacher unreachable at {self.address} for {elapsed:.1f} s (last status {last.code.name}: "
+                f"{_clip(last.details, 120)}); {what} tried {attempts} times; check that the teacher server is "
+                "running and reachable from this machine (host, port, firewall, Serve application name), "
+                f"or raise teacher.retry_budget_s ({self.retry_budget_s:g} s) / timeout_s ({self.timeout:g} s)"
             ),
         )
+        err.elapsed_s, err.attempts = elapsed, attempts
+        return err
 
     def _check_fingerprint(self, got: str) -> None:
         if self.expected_fingerprint is None:
@@ -386,19 +475,20 @@ class TeacherClient:
             raise FingerprintMismatch(self.address, self.expected_fingerprint, got)
 
     # -- API -------------------------------------------------------------------------------
-    async def describe(self, refresh: bool = False) -> pb.TeacherInfo:
+    async def describe(self, refresh: bool = False, started: float | None = None) -> pb.TeacherInfo:
         """What the teacher is (cached); checks its fingerprint."""
         if self._info is None or refresh:
-            info = await self._with_retries("Describe", lambda: self.transport.describe(self.timeout))
+            info = await self._with_retries("Describe", lambda: self.transport.describe(self.timeout), started)
             self._check_fingerprint(info.fingerprint)
             self._info = info
         return self._info
 
-    async def _use_stream(self, inputs: Mapping[str, torch.Tensor], spec: pb.TargetSpec, stream: bool | None) -> bool:
+    async def _use_stream(self, inputs: Mapping[str, torch.Tensor], spec: pb.TargetSpec, stream: bool | None,
+                          started: float | None = None) -> bool:
         stream = self.stream if stream is None else stream
         if stream is not None:
             return stream
-        info = await self.describe()
+        info = await self.describe(started=started)
         return bool(info.max_reply_bytes) and estimate_reply_bytes(info, inputs, spec) > info.max_reply_bytes
 
     async def get_targets(
@@ -413,16 +503,17 @@ class TeacherClient:
         Decoded tensors share memory with the received bytes: treat them as read-only.
         """
         t0 = time.perf_counter()
+        started = time.monotonic()  # one retry budget for the whole call (Describe included)
         try:
-            use_stream = await self._use_stream(inputs, spec, stream)
+            use_stream = await self._use_stream(inputs, spec, stream, started)
             request = wire.build_request(inputs, spec, self.experiment_id, sample_keys)
             if use_stream:
                 chunks = await self._with_retries(
-                    "StreamTargets", lambda: self.transport.stream_targets(request, self.timeout)
+                    "StreamTargets", lambda: self.transport.stream_targets(request, self.timeout), started
                 )
             else:
                 chunks = [await self._with_retries(
-                    "GetTargets", lambda: self.transport.get_targets(request, self.timeout)
+                    "GetTargets", lambda: self.transport.get_targets(request, self.timeout), started
                 )]
             out = self._accept(request, chunks)
         finally:

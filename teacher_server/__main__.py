@@ -3,10 +3,15 @@
 Starts (or joins) a local Ray cluster, deploys the teacher on Ray Serve with gRPC ingress, prints
 the address students should use, and serves until Ctrl-C. ``--backend grpc`` serves the same
 engine from a plain gRPC server without Ray.
+
+Binds 127.0.0.1 unless ``--host`` says otherwise. A teacher reachable from a network should
+require the shared token (``--auth-token-file`` or ``$KDSERVE_AUTH_TOKEN``) and, with
+``--backend grpc``, speak TLS (``--tls-cert/--tls-key``); Ray Serve gets TLS from a proxy (k8s/).
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -15,6 +20,7 @@ import socket
 import sys
 import threading
 
+from kdserve import auth, tls
 from kdserve.config import ConfigError, apply_overrides, build, load
 from kdserve.teacher_config import TeacherConfig
 
@@ -28,7 +34,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
     p.add_argument("--port", type=int, default=9000, help="gRPC port (default 9000)")
     p.add_argument("--http-port", type=int, default=8000, help="Ray Serve HTTP port (default 8000)")
-    p.add_argument("--host", default="0.0.0.0", help="interface to bind (default all)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--auth-token-file", default=None,
+                   help=f"file holding the shared bearer token (default: ${auth.ENV_VAR}; neither: no auth)")
+    p.add_argument("--allow-unauthenticated-describe", action="store_true",
+                   help="let clients without the token call Describe (targets still need it)")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate (chain) for TLS (--backend grpc)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--backend", choices=["serve", "grpc"], default="serve")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start or join local)")
     return p.parse_args(argv)
@@ -58,6 +71,38 @@ def check_port_free(host: str, port: int, flag: str) -> None:
             raise ConfigError(f"port {port} on {host} is in use; pick another with {flag}") from None
 
 
+def is_loopback(host: str) -> bool:
+    """True when ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        addrs = {a[4][0] for a in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
+
+
+def security(args: argparse.Namespace) -> tuple[str | None, bool]:
+    """(token or None, TLS on?) from the flags; warns about a network-reachable teacher without auth."""
+    try:
+        token = auth.load_token(args.auth_token_file)
+        use_tls = tls.check_pair(args.tls_cert, args.tls_key)
+    except (auth.AuthError, tls.TLSError) as e:
+        raise ConfigError(str(e)) from None
+    if use_tls and args.backend != "grpc":
+        raise ConfigError("--tls-cert/--tls-key need --backend grpc; put a TLS-terminating proxy in front "
+                          "of Ray Serve instead (see k8s/)")
+    if args.allow_unauthenticated_describe and not token:
+        raise ConfigError("--allow-unauthenticated-describe needs a token (--auth-token-file or "
+                          f"${auth.ENV_VAR}): without one every method is open anyway")
+    if not token and not is_loopback(args.host):
+        print(f"warning: serving on {args.host} without authentication: anyone who can reach this port can use "
+              f"the teacher; pass --auth-token-file or set ${auth.ENV_VAR}", file=sys.stderr, flush=True)
+    return token, use_tls
+
+
 def _wait_for_ctrl_c() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -69,17 +114,26 @@ def _wait_for_ctrl_c() -> None:
 
 
 def serve_forever(cfg: TeacherConfig, args: argparse.Namespace) -> None:
+    token, use_tls = security(args)
     check_port_free(args.host, args.port, "--port")
     if args.backend == "grpc":
         from teacher_server.engine import TeacherEngine
         from teacher_server.grpc_server import run_server
 
+        creds = tls.server_credentials(args.tls_cert, args.tls_key) if use_tls else None
         engine = TeacherEngine.from_config(cfg)
-        with run_server(engine, port=args.port, host=args.host) as port:
+        with run_server(engine, port=args.port, host=args.host, auth_token=token, tls=creds,
+                        allow_unauthenticated_describe=args.allow_unauthenticated_describe) as port:
+            host = socket.gethostname() if not is_loopback(args.host) else args.host
+            scheme = "grpcs" if use_tls else "grpc"
             print(f"kdserve teacher {engine.model_name} (fingerprint {engine.fingerprint}) "
-                  f"on grpc://{socket.gethostname()}:{port} [plain gRPC]; Ctrl-C to stop", flush=True)
+                  f"on {scheme}://{host}:{port} [plain gRPC, auth {'token' if token else 'none'}]; Ctrl-C to stop",
+                  flush=True)
             _wait_for_ctrl_c()
         return
+    if token:
+        raise ConfigError("token auth for --backend serve is not wired yet; use --backend grpc, or keep the "
+                          "Serve teacher on loopback / behind the k8s NetworkPolicy")
 
     import ray
     from ray import serve
@@ -109,7 +163,7 @@ def main(argv=None) -> int:
 
         build_architecture(cfg, "teacher")  # a typo costs seconds, not a cluster start
         serve_forever(cfg, args)
-    except (ConfigError, ValueError, OSError) as e:
+    except (ConfigError, ValueError, OSError) as e:  # tls.TLSError and auth.AuthError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # e.g. Serve could not start the replica (weights not reachable...)

@@ -19,7 +19,7 @@ from kdserve.targets import data2vec_target, head_mean, quantize_int8
 from teacher_server import adapters  # noqa: F401  (registers the teacher kinds)
 from teacher_server.adapters.base import TeacherAdapter
 from kdserve.teacher_config import TeacherConfig
-from teacher_server.spec import InputInfo, ModuleInfo, SpecError, TargetSpec
+from teacher_server.spec import InputInfo, ModuleInfo, TargetSpec
 
 _CAST = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

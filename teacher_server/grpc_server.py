@@ -13,22 +13,19 @@ import concurrent.futures
 import contextlib
 import threading
 from concurrent import futures
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import grpc
 
-from kdserve.v1 import teacher_pb2 as pb  # noqa: F401  (message types of the service)
+from kdserve import auth, wire
 from kdserve.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.coalesce import Coalescer
 from teacher_server.engine import TeacherEngine
+from teacher_server.health import HealthReporter
 from teacher_server.metrics import get_metrics
 from teacher_server.service import TeacherService, reply_bytes, reply_samples, status_of
 
-MAX_MESSAGE = 2**31 - 1
-SERVER_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE),
-    ("grpc.max_receive_message_length", MAX_MESSAGE),
-]
+SERVER_OPTIONS = wire.CHANNEL_OPTIONS  # the protocol's message limit, both directions
 
 
 class _LoopThread:
@@ -98,18 +95,26 @@ class Servicer(pb_grpc.TeacherServiceServicer):
 
 @contextlib.contextmanager
 def run_server(
-    engine: TeacherEngine, port: int = 0, host: str = "127.0.0.1", workers: int = 64, metrics_port: int | None = None
+    engine: TeacherEngine, port: int = 0, host: str = "127.0.0.1", workers: int = 64, metrics_port: int | None = None,
+    *, auth_token: str | None = None, allow_unauthenticated_describe: bool = False,
+    tls: grpc.ServerCredentials | None = None, interceptors: Sequence = (), health_interval_s: float = 30.0,
 ) -> Iterator[int]:
     """Serve ``engine`` on ``host:port`` (0 picks a free port); yields the bound port.
 
     ``workers`` bounds the requests in flight (each waits on a handler thread while queued).
     ``metrics_port`` (default: the engine config's ``metrics_port``; 0 = none) serves Prometheus
-    metrics over HTTP on ``host``.
+    metrics over HTTP on ``host``. ``auth_token``: calls need ``authorization: Bearer <token>``
+    (kdserve.auth); ``tls``: see kdserve.tls.server_credentials; grpc.health.v1 follows a probe
+    forward (teacher_server.health).
     """
+    chain = [*auth.interceptors(auth_token, allow_unauthenticated_describe), *interceptors]
     servicer = Servicer(engine)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS, interceptors=chain)
     pb_grpc.add_TeacherServiceServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    reporter = HealthReporter(engine, health_interval_s)
+    reporter.add_to_server(server)
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
     if bound == 0:
         servicer.close()
         raise OSError(f"cannot bind {host}:{port}")
@@ -119,10 +124,12 @@ def run_server(
         import prometheus_client
 
         http, _ = prometheus_client.start_http_server(metrics_port, addr=host)
+    reporter.start()
     server.start()
     try:
         yield bound
     finally:
+        reporter.stop()
         server.stop(grace=2).wait()
         servicer.close()
         if http is not None:

@@ -3,6 +3,7 @@
 Shared by the plain gRPC server and the Ray Serve deployment, so both validate identically and
 answer with the same status codes:
   SpecError, CodecError -> INVALID_ARGUMENT; TooLarge -> RESOURCE_EXHAUSTED; anything else -> INTERNAL.
+Messages are one printable line of bounded length; client-supplied text in them is clipped.
 """
 from __future__ import annotations
 
@@ -17,20 +18,53 @@ from kdserve import codec
 from kdserve.v1 import teacher_pb2 as pb
 from kdserve.teacher_config import TeacherConfig
 from teacher_server.engine import BatchStats, Quantized, TeacherEngine, Work
-from teacher_server.spec import SpecError, TargetSpec, TooLarge, resolve_spec, validate_inputs
+from teacher_server.spec import SpecError, TargetSpec, TooLarge, bounded, resolve_spec, shown, validate_inputs
 
 log = logging.getLogger("kdserve.teacher")
+MAX_EXPERIMENT_CHARS = 128
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and a bounded, single-line message for a failed request (never a traceback).
+
+    INTERNAL is for the teacher's own faults only: every input a client can send is caught by a
+    SpecError first (tests/test_fuzz.py holds that line).
+    """
     if isinstance(exc, (SpecError, codec.CodecError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        return grpc.StatusCode.INVALID_ARGUMENT, bounded(str(exc))
     if isinstance(exc, TooLarge):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, bounded(str(exc))
     log.exception("teacher failed on a request")
-    return grpc.StatusCode.INTERNAL, f"teacher error: {type(exc).__name__}: {exc}"
+    return grpc.StatusCode.INTERNAL, bounded(f"teacher error: {type(exc).__name__}: {exc}")
+
+
+def experiment_label(experiment_id: str) -> str:
+    """A metric tag for ``experiment_id``: the id when valid, else "invalid" (bounded tag values)."""
+    try:
+        return check_experiment_id(experiment_id) or "default"
+    except SpecError:
+        return "invalid"
+
+
+def check_experiment_id(experiment_id: str) -> str:
+    """Any printable Unicode up to MAX_EXPERIMENT_CHARS characters; raises SpecError otherwise."""
+    if len(experiment_id) > MAX_EXPERIMENT_CHARS:
+        raise SpecError(
+            f"experiment_id of {len(experiment_id)} characters is over {MAX_EXPERIMENT_CHARS}: {shown(experiment_id)}"
+        )
+    if not experiment_id.isprintable():
+        raise SpecError(f"experiment_id {shown(experiment_id)} holds non-printable characters")
+    return experiment_id
+
+
+def check_finite(inputs: dict[str, torch.Tensor]) -> None:
+    """NaN or Inf in an input would come back as NaN targets: refuse them instead."""
+    for name, t in inputs.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise SpecError(f"inputs[{name!r}]: {bad} of {t.numel()} values are NaN or infinite")
 
 
 def _mb(n: int) -> str:
@@ -69,11 +103,13 @@ class TeacherService:
                 f"request of {_mb(size)} is over the teacher's max_request_bytes ({_mb(self.cfg.max_request_bytes)}); "
                 "send fewer samples per request"
             )
+        check_experiment_id(request.experiment_id)
         batch = validate_inputs(request.inputs, self.engine.inputs, self.cfg.max_batch_size)
         if request.sample_keys and len(request.sample_keys) != batch:
             raise SpecError(f"sample_keys: {len(request.sample_keys)} keys for {batch} samples")
         spec = resolve_spec(request.spec, self.engine.modules, self.engine.num_classes)
         inputs = {k: codec.decode(v) for k, v in request.inputs.items()}
+        check_finite(inputs)
         if not stream:
             est = self.estimate_reply_bytes(spec, inputs)
             if est > self.cfg.max_reply_bytes:

@@ -5,13 +5,32 @@ Every frontend (the plain gRPC server, Ray Serve, Triton) turns its wire request
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
 from kdserve.codec import FLOAT_DTYPES
 from kdserve.v1 import teacher_pb2 as pb
 
 HIDDEN_REDUCTIONS = ("none", "data2vec")
 ATTENTION_REDUCTIONS = ("none", "head_mean")
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
+MAX_DIM = 2**31 - 1  # no tensor the teacher takes has a longer axis
+SHOWN_CHARS = 64  # client-supplied text quoted in a message, per piece
+MESSAGE_CHARS = 400  # a whole status message
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """A client-supplied value quoted for a message: repr (non-printables escaped), clipped."""
+    s = value if isinstance(value, str) else str(value)
+    if len(s) <= limit:
+        return repr(s)
+    return f"{s[:limit]!r}...(+{len(s) - limit} chars)"
+
+
+def bounded(message: str, limit: int = MESSAGE_CHARS) -> str:
+    """One printable line of at most ``limit`` characters (a status message's last guard)."""
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message[: limit + 1])
+    return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
 class SpecError(ValueError):
@@ -82,7 +101,7 @@ def _resolve_layers(
         module = sel.module or default_module
         if module not in modules:
             raise SpecError(
-                f"{field_name}[{i}].module: unknown module {module!r}; the teacher has {sorted(modules)}"
+                f"{field_name}[{i}].module: unknown module {shown(module)}; the teacher has {sorted(modules)}"
             )
         n = modules[module].num_layers
         layers = list(sel.layers)
@@ -93,7 +112,7 @@ def _resolve_layers(
             li = l + n + 1 if l < 0 else l
             if not 1 <= li <= n:
                 raise SpecError(
-                    f"{field_name}[{i}].layers: layer {l} is out of range for module {module!r} "
+                    f"{field_name}[{i}].layers: layer {l} is out of range for module {shown(module)} "
                     f"with {n} blocks (valid: 1..{n} or -{n}..-1)"
                 )
             resolved.append(li)
@@ -110,19 +129,19 @@ def resolve_spec(msg: pb.TargetSpec, modules: list[ModuleInfo], num_classes: int
     hidden_reduction = msg.hidden_reduction or "none"
     if hidden_reduction not in HIDDEN_REDUCTIONS:
         raise SpecError(
-            f"spec.hidden_reduction: unknown reduction {msg.hidden_reduction!r}; use one of {HIDDEN_REDUCTIONS}"
+            f"spec.hidden_reduction: unknown reduction {shown(msg.hidden_reduction)}; use one of {HIDDEN_REDUCTIONS}"
         )
     attention_reduction = msg.attention_reduction or "none"
     if attention_reduction not in ATTENTION_REDUCTIONS:
         raise SpecError(
-            f"spec.attention_reduction: unknown reduction {msg.attention_reduction!r}; "
+            f"spec.attention_reduction: unknown reduction {shown(msg.attention_reduction)}; "
             f"use one of {ATTENTION_REDUCTIONS}"
         )
     dtype = msg.dtype or "float32"
     if dtype not in FLOAT_DTYPES:
-        raise SpecError(f"spec.dtype: unknown output dtype {msg.dtype!r}; use one of {FLOAT_DTYPES}")
-    if msg.data2vec_eps < 0:
-        raise SpecError(f"spec.data2vec_eps must be >= 0, got {msg.data2vec_eps}")
+        raise SpecError(f"spec.dtype: unknown output dtype {shown(msg.dtype)}; use one of {FLOAT_DTYPES}")
+    if not math.isfinite(msg.data2vec_eps) or msg.data2vec_eps < 0:
+        raise SpecError(f"spec.data2vec_eps must be a finite number >= 0, got {msg.data2vec_eps}")
     if msg.logits_top_k < 0:
         raise SpecError(f"spec.logits_top_k must be >= 0, got {msg.logits_top_k}")
     if msg.logits and num_classes == 0:
@@ -151,15 +170,16 @@ def resolve_spec(msg: pb.TargetSpec, modules: list[ModuleInfo], num_classes: int
 def validate_inputs(inputs, infos: list[InputInfo], max_batch_size: int) -> int:
     """Check wire inputs (name -> pb.Tensor) against the teacher's declared inputs.
 
-    Checks names, dtypes, ranks, fixed dims and a common batch size before anything is decoded.
-    Returns the batch size.
+    Checks names, dtypes, ranks, every dim (1..MAX_DIM, fixed ones equal), the byte length
+    against the shape (Python ints: no overflow), scales (only on int8, one per row) and a common
+    batch size, all before anything is decoded. Returns the batch size.
     """
     by_name = {i.name: i for i in infos}
     if not inputs:
         raise SpecError(f"inputs is empty: send {[i.name for i in infos if i.required]}")
     for name in inputs:
         if name not in by_name:
-            raise SpecError(f"inputs: unknown input {name!r}; the teacher takes {sorted(by_name)}")
+            raise SpecError(f"inputs: unknown input {shown(name)}; the teacher takes {sorted(by_name)}")
     for info in infos:
         if info.required and info.name not in inputs:
             raise SpecError(f"inputs: missing required input {info.name!r}")
@@ -168,30 +188,49 @@ def validate_inputs(inputs, infos: list[InputInfo], max_batch_size: int) -> int:
     for name, t in inputs.items():
         info = by_name[name]
         shape = tuple(int(d) for d in t.shape)
+        where = f"inputs[{name!r}]"
         if t.dtype != info.dtype:
-            raise SpecError(f"inputs[{name!r}]: dtype {t.dtype!r}, expected {info.dtype!r}")
+            raise SpecError(f"{where}: dtype {shown(t.dtype)}, expected {info.dtype!r}")
         if len(shape) != len(info.shape):
             raise SpecError(
-                f"inputs[{name!r}]: rank {len(shape)} (shape {list(shape)}), expected rank "
+                f"{where}: rank {len(shape)} (shape {_dims(shape)}), expected rank "
                 f"{len(info.shape)} (shape {list(info.shape)}, -1 = any)"
             )
+        if shape[0] == 0:
+            raise SpecError(f"{where}: batch is empty (dim 0 is 0)")
         for d, (got, want) in enumerate(zip(shape, info.shape)):
             if want != -1 and got != want:
                 raise SpecError(
-                    f"inputs[{name!r}]: dim {d} is {got}, expected {want} (shape {list(info.shape)}); "
+                    f"{where}: dim {d} is {got}, expected {want} (shape {list(info.shape)}); "
                     "resize on the client to the teacher's input size"
                 )
+            if not 1 <= got <= MAX_DIM:
+                raise SpecError(f"{where}: dim {d} is {got}; every dim must lie in [1, {MAX_DIM}]")
+        need = math.prod(shape) * _ITEMSIZE[info.dtype]  # Python ints: exact for any shape
+        if len(t.data) != need:
+            raise SpecError(f"{where}: shape {_dims(shape)} of {info.dtype} needs {need} bytes, got {len(t.data)}")
+        if t.scales:
+            if info.dtype != "int8":
+                raise SpecError(f"{where}: scales are only for int8 tensors, this input is {info.dtype}")
+            rows = math.prod(shape[:-1])
+            if len(t.scales) != 4 * rows:
+                raise SpecError(f"{where}: int8 of shape {_dims(shape)} needs {rows} float32 scales, got {len(t.scales)} bytes")
         if batch is None:
             batch = shape[0]
         elif shape[0] != batch:
-            raise SpecError(f"inputs[{name!r}]: batch {shape[0]} differs from the other inputs' {batch}")
+            raise SpecError(f"{where}: batch {shape[0]} differs from the other inputs' {batch}")
         if len(shape) == 2 and info.shape[1] == -1:  # token sequences must agree in length
             if seq is None:
                 seq = shape[1]
             elif shape[1] != seq:
-                raise SpecError(f"inputs[{name!r}]: sequence length {shape[1]} differs from {seq}")
-    if batch == 0:
-        raise SpecError("inputs: batch is empty (dim 0 is 0)")
+                raise SpecError(f"{where}: sequence length {shape[1]} differs from {seq}")
     if batch > max_batch_size:
         raise SpecError(f"inputs: batch of {batch} samples is over the teacher's max_batch_size {max_batch_size}; split it")
     return batch
+
+
+def _dims(shape: tuple[int, ...], limit: int = 8) -> str:
+    """A shape for a message; a client may send thousands of dims."""
+    if len(shape) <= limit:
+        return str(list(shape))
+    return str(list(shape[:limit]))[:-1] + f", ...] ({len(shape)} dims)"

@@ -66,7 +66,11 @@ def capture_output(store: dict, key, stop: bool = False):
     return hook
 
 
-def check_token_ids(inputs: dict[str, torch.Tensor], vocab_size: int, max_len: int) -> None:
+def check_token_ids(inputs: dict[str, torch.Tensor], vocab_size: int, max_len: int, type_vocab_size: int = 0) -> None:
+    types = inputs.get("token_type_ids")
+    if types is not None and types.numel() and (int(types.min()) < 0 or int(types.max()) >= max(1, type_vocab_size)):
+        raise SpecError(f"inputs['token_type_ids']: segment ids must lie in [0, {max(1, type_vocab_size)}), "
+                        f"got [{int(types.min())}, {int(types.max())}]")
     ids = inputs.get("input_ids")
     if ids is None:
         return

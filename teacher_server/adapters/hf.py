@@ -79,7 +79,8 @@ class HFEncoder(TeacherAdapter):
     def check_values(self, inputs):
         if not self.is_vision:
             cfg = self.model.config
-            check_token_ids(inputs, int(cfg.vocab_size), int(cfg.max_position_embeddings))
+            check_token_ids(inputs, int(cfg.vocab_size), int(cfg.max_position_embeddings),
+                            int(getattr(cfg, "type_vocab_size", 0)))
 
     def token_mask(self, inputs, module):
         return inputs.get("attention_mask")

@@ -12,10 +12,11 @@ Outputs are deterministic functions of each sample's inputs (never of its batch 
 
 * a per-sample scalar ``a_b = sin(<x_b, w>)`` with ``w`` a fixed random projection (float64, so
   the value does not depend on the batch it is computed in);
-* hidden state l: ``H_l[b] = B_l + a_b * P`` with fixed random (T, D) tables ``B_l`` and ``P``.
-  The instance norm of the Data2Vec target depends on ``a_b`` non-linearly, so distinct samples
-  get distinct targets;
-* attention l: ``softmax_j(S_h * (1 + l / L) + a_b * R)``: rows that sum to 1, (B, H, T, T);
+* hidden state l: ``H_l[b] = B + (l / L) * Q + a_b * P`` with fixed random (T, D) tables. The
+  instance norm of the Data2Vec target depends on ``a_b`` non-linearly, so distinct samples get
+  distinct targets;
+* attention l: ``softmax_j(u_h[i] v_h[j] (1 + l / L) + a_b p[i] q[j])``: rows that sum to 1,
+  (B, H, T, T). Rank-one score tables keep memory O(H T), not O(H T^2), for long texts;
 * logits: ``z_b = c + a_b * v``, (B, C).
 
 Like the real adapters it computes only the requested layers, and when no logits are asked it
@@ -81,10 +82,13 @@ class _Tables(nn.Module):
                    int(c.input == "text")]
         self.register_buffer("config", torch.tensor(cfg_vec, dtype=torch.int64))
         self.register_buffer("w", torch.randn(feat, generator=g, dtype=torch.float64) / feat**0.5, persistent=False)
-        self.register_buffer("base", torch.randn(c.layers, t, c.dim, generator=g), persistent=False)  # (L, T, D)
+        self.register_buffer("base", torch.randn(t, c.dim, generator=g), persistent=False)  # (T, D)
+        self.register_buffer("depth", torch.randn(t, c.dim, generator=g), persistent=False)  # (T, D)
         self.register_buffer("pattern", torch.randn(t, c.dim, generator=g), persistent=False)  # (T, D)
-        self.register_buffer("scores", torch.randn(c.heads, t, t, generator=g), persistent=False)  # (H, T, T)
-        self.register_buffer("mix", torch.randn(t, t, generator=g), persistent=False)  # (T, T)
+        self.register_buffer("u", 2 * torch.randn(c.heads, t, 1, generator=g), persistent=False)  # (H, T, 1)
+        self.register_buffer("v", torch.randn(c.heads, 1, t, generator=g), persistent=False)  # (H, 1, T)
+        self.register_buffer("p", torch.randn(t, 1, generator=g), persistent=False)  # (T, 1)
+        self.register_buffer("q", torch.randn(1, t, generator=g), persistent=False)  # (1, T)
         self.register_buffer("bias", torch.randn(c.classes, generator=g), persistent=False)  # (C,)
         self.register_buffer("direction", torch.randn(c.classes, generator=g), persistent=False)  # (C,)
 
@@ -140,9 +144,11 @@ class SyntheticTeacher(TeacherAdapter):
         a = self.sample_scalar(inputs).to(m.base.device)  # (B,)
         cap = Capture()
         for l in hid:
-            cap.hidden[(self.module, l)] = m.base[l - 1, :t] + a[:, None, None] * m.pattern[:t]  # (B, T, D)
+            h = m.base[:t] + (l / c.layers) * m.depth[:t]  # (T, D)
+            cap.hidden[(self.module, l)] = h + a[:, None, None] * m.pattern[:t]  # (B, T, D)
         for l in att:
-            s = m.scores[:, :t, :t] * (1 + l / c.layers) + a[:, None, None, None] * m.mix[:t, :t]  # (B, H, T, T)
+            s = (m.u[:, :t] * m.v[..., :t]) * (1 + l / c.layers)  # (H, T, T)
+            s = s + a[:, None, None, None] * (m.p[:t] * m.q[:, :t])  # (B, H, T, T)
             cap.attention[(self.module, l)] = torch.softmax(s, dim=-1)
         if logits:
             cap.logits = m.bias + a[:, None] * m.direction  # (B, C)

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -128,6 +129,8 @@ def main(argv=None) -> int:
         print(f"unknown figure(s) {sorted(bad)}; use {','.join(ALL)}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
+    # SIGTERM (timeout, Ctrl-C in a pod) unwinds like an exception: child servers get stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)

@@ -112,7 +112,7 @@ def markdown(figs: list[Figure], meta: dict) -> str:
         if not f.rows:
             continue
         out += ["", f"### {f.key}", ""]
-        cols = [c for c in f.rows[0] if c not in ("step_ms",)]
+        cols = [c for c in dict.fromkeys(k for r in f.rows for k in r) if c != "step_ms"]
         out.append("| " + " | ".join(cols) + " |")
         out.append("|" + "---|" * len(cols))
         for r in f.rows:

@@ -2,7 +2,8 @@
 
 Most tests use ``SleepyTeacher``: a real thread pool whose ``submit`` returns real futures after a
 chosen latency. It stands in for the teacher's latency only; one test runs the whole path against
-a real gRPC teacher.
+a real gRPC teacher. The overlap itself is checked on a fake clock (``ClockTeacher``): exact step
+counts and ready targets, no wall time (the measured overlap is P1 of ``python -m bench``).
 """
 from __future__ import annotations
 
@@ -73,26 +74,75 @@ def test_order_preserved_with_varying_latency():
     assert pf.steps == 20
 
 
-def mean_step_s(depth: int, x: float = 0.1, y: float = 0.1, steps: int = 15) -> tuple[float, Prefetcher]:
-    teacher = SleepyTeacher(lambda i: x, workers=1)  # one worker: the teacher serves serially
+class ClockFuture(concurrent.futures.Future):
+    """A future whose answer is due at ``done_at`` on a fake clock; waiting moves the clock there."""
+
+    def __init__(self, clock: "FakeClock", done_at: float, value: Any):
+        super().__init__()
+        self.clock, self.done_at, self.value = clock, done_at, value
+        self.ready_when_asked: bool | None = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        self.ready_when_asked = self.clock.now >= self.done_at
+        self.clock.now = max(self.clock.now, self.done_at)
+        return self.value
+
+
+class FakeClock:
+    now = 0.0
+
+
+class ClockTeacher:
+    """A serial teacher on a fake clock: request i starts when submitted (or when the teacher is
+    free) and is answered ``x`` time units later. No real time passes."""
+
+    address = "clock://test"
+
+    def __init__(self, clock: FakeClock, x: float):
+        self.clock, self.x, self.free_at = clock, x, 0.0
+        self.futures: list[ClockFuture] = []
+
+    def submit(self, inputs: dict[str, torch.Tensor], spec: Any) -> ClockFuture:
+        self.free_at = max(self.clock.now, self.free_at) + self.x
+        self.futures.append(ClockFuture(self.clock, self.free_at, {"y": inputs["x"] * 2}))
+        return self.futures[-1]
+
+
+def simulate(depth: int, x: float, y: float, steps: int = 20) -> tuple[float, int, Prefetcher]:
+    """Fake-clock time of ``steps`` training steps of ``y`` units; and how many targets were
+    already answered when the loop asked for them."""
+    clock = FakeClock()
+    teacher = ClockTeacher(clock, x)
     pf = Prefetcher(batches(steps), request, teacher, depth=depth, timeout=5)
-    t0 = time.perf_counter()
-    for _batch, _targets in pf:
-        time.sleep(y)  # the student's training step
-    teacher.close()
-    return (time.perf_counter() - t0) / steps, pf
+    for batch, targets in pf:
+        assert torch.equal(targets["y"], batch["x"] * 2)
+        clock.now += y  # the student's training step
+    ready = sum(bool(f.ready_when_asked) for f in teacher.futures)
+    return clock.now, ready, pf
 
 
-def test_prefetch_overlaps_teacher_and_training():
-    x = y = 0.1
-    overlapped, pf = mean_step_s(depth=2, x=x, y=y)
-    serial, pf0 = mean_step_s(depth=0, x=x, y=y)
-    assert overlapped < 0.75 * (x + y)  # about max(X, Y)
-    assert serial >= 0.9 * (x + y)  # exactly X + Y: nothing overlaps
-    # the recorded waits tell the same story: ~X per step without prefetch, ~0 with it
-    assert pf0.mean_wait_s >= 0.9 * x
-    assert pf.mean_wait_s < 0.5 * x
-    assert pf.total_wait_s == pytest.approx(pf.mean_wait_s * 15)
+@pytest.mark.parametrize("x,y", [(0.6, 1.0), (1.0, 1.0)])
+def test_prefetch_overlaps_teacher_and_training(x, y):
+    """Teacher no slower than the step: with prefetch only the first batch waits (X + N*Y in all,
+    about max(X, Y) per step); without, every step costs X + Y and no target is ever ready."""
+    n = 20
+    total, ready, pf = simulate(depth=2, x=x, y=y, steps=n)
+    assert total == pytest.approx(x + n * y)
+    assert ready == n - 1 and pf.steps == n
+    total0, ready0, pf0 = simulate(depth=0, x=x, y=y, steps=n)
+    assert total0 == pytest.approx(n * (x + y))
+    assert ready0 == 0 and pf0.steps == n
+
+
+def test_prefetch_is_teacher_bound_when_the_teacher_is_slower():
+    """X > Y: the serial teacher is busy from the start, so N steps end at N*X + Y; nothing is ready."""
+    n = 20
+    total, ready, _ = simulate(depth=3, x=1.5, y=1.0, steps=n)
+    assert total == pytest.approx(n * 1.5 + 1.0)
+    assert ready == 0
+    # depth 1 already overlaps one request with each step when X <= Y
+    total1, ready1, _ = simulate(depth=1, x=0.5, y=1.0, steps=n)
+    assert total1 == pytest.approx(0.5 + n * 1.0) and ready1 == n - 1
 
 
 def test_teacher_error_surfaces_at_its_batch():

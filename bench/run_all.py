@@ -1,0 +1,221 @@
+"""``python -m bench``: kdserve's performance figures, each beside its baseline, from ONE run.
+
+    python -m bench --quick                 # ~5 min on a 2-core machine
+    python -m bench --only P1,P3            # some figures
+    python -m bench --no-serve --no-triton  # plain gRPC only
+
+Figures (every number is a ratio against a baseline measured in the same run):
+  P1 prefetch  student steps/s, remote synthetic teacher + Prefetcher vs targets in memory;
+               and the curve as the teacher's latency grows past the step time (p1_prefetch.py)
+  P2 batching  samples/s, 4 clients x batch 8 vs one in-process engine call at batch 32
+  P3 wire      bytes on the wire per sample vs the requested tensors' raw bytes, per reduction/dtype
+  P4 overhead  MB/s and req/s through plain gRPC, Ray Serve, Triton vs a bare grpc.aio bytes echo
+  (P5, GPU only: bench/gpu_p5.py)
+Writes bench/results/<date>-<host>.json, .md (printed too) and P1/P4 plots (PNG).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import Figure, free_port
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ALL = ("P1", "P2", "P3", "P4")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short windows and fewer points (~5 min on 2 cores)")
+    p.add_argument("--only", default=",".join(ALL), help="comma-separated figures, e.g. P1,P3")
+    p.add_argument("--no-serve", action="store_true", help="skip Ray Serve (P2, P4)")
+    p.add_argument("--no-triton", action="store_true", help="skip Triton (P4)")
+    p.add_argument("--out-dir", default=str(RESULTS))
+    return p.parse_args(argv)
+
+
+class Stack:
+    """The servers P2 and P4 share, each started once; failures become notes, not a dead run."""
+
+    def __init__(self, log):
+        self.log = log
+        self.exit = contextlib.ExitStack()
+        self.notes: dict[str, str] = {}
+        self.serve: dict[str, str] = {}
+
+    def start_serve(self, apps: dict[str, dict]) -> None:
+        os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(2**31 - 1))
+        try:
+            import ray
+            from ray import serve
+
+            from teacher_server.serve_app import build_app, grpc_options
+
+            t0 = time.perf_counter()
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING)
+            self.exit.callback(ray.shutdown)
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, grpc_options=grpc_options(port))
+            self.exit.callback(serve.shutdown)
+            for name, cfg in apps.items():
+                serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
+                self.serve[name] = f"grpc://127.0.0.1:{port}/{name}"
+            self.log(f"Ray Serve up in {time.perf_counter() - t0:.0f} s")
+        except Exception as e:  # noqa: BLE001  (any failure: skip Serve with the reason)
+            self.notes["serve"] = f"{type(e).__name__}: {str(e)[:300]}"
+            self.log(f"Ray Serve skipped: {self.notes['serve']}")
+
+    def start_triton(self, cfg) -> str | None:
+        try:
+            from teacher_server.triton.launch import run_tritonserver
+            from teacher_server.triton.repository import write_repository
+
+            repo = self.exit.enter_context(tempfile.TemporaryDirectory(prefix="kdserve-bench-"))
+            write_repository(cfg, repo, instance_kind="cpu", instances=1)
+            server = self.exit.enter_context(run_tritonserver(repo, env={"OMP_NUM_THREADS": "1"}))
+            self.log("Triton up")
+            return server.address()
+        except Exception as e:  # noqa: BLE001
+            self.notes["triton"] = f"{type(e).__name__}: {str(e)[:300]}"
+            self.log(f"Triton skipped: {self.notes['triton']}")
+            return None
+
+
+def fmt(v: float, unit: str = "") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4g}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def markdown(figs: list[Figure], meta: dict) -> str:
+    out = [f"# kdserve benchmark, {meta['date']} on {meta['host']} ({meta['cpus']} CPUs, "
+           f"{'quick' if meta['quick'] else 'full'} mode, {meta['seconds']:.0f} s)", "",
+           "| figure | baseline | measured | ratio | unit | what |", "|---|---:|---:|---:|---|---|"]
+    for f in figs:
+        out.append(f"| {f.key} | {fmt(f.baseline)} | {fmt(f.measured)} | **{f.ratio:.3f}** | {f.unit} | {f.what} |")
+    for f in figs:
+        for n in f.notes:
+            out.append(f"\n_{f.key}: {n}_")
+    for f in figs:
+        if not f.rows:
+            continue
+        out += ["", f"### {f.key}", ""]
+        cols = [c for c in dict.fromkeys(k for r in f.rows for k in r) if c != "step_ms"]
+        out.append("| " + " | ".join(cols) + " |")
+        out.append("|" + "---|" * len(cols))
+        for r in f.rows:
+            out.append("| " + " | ".join(fmt(r.get(c)) if isinstance(r.get(c), float) else str(r.get(c, ""))
+                                         for c in cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    only = {s.strip().upper() for s in args.only.split(",") if s.strip()}
+    bad = only - set(ALL)
+    if bad:
+        print(f"unknown figure(s) {sorted(bad)}; use {','.join(ALL)}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    # SIGTERM (timeout, Ctrl-C in a pod) unwinds like an exception: child servers get stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{dt.date.today():%Y-%m-%d}-{socket.gethostname()}"
+    figs: list[Figure] = []
+    plots: list[str] = []
+
+    if "P3" in only:
+        from bench import p3_wire
+
+        figs.append(p3_wire.run(args.quick, log))
+    if "P1" in only:
+        from bench import p1_prefetch
+
+        f1 = p1_prefetch.run(args.quick, log)
+        figs.append(f1)
+        p1_prefetch.plot(f1, out_dir / f"{stem}-P1.png")
+        plots.append(f"{stem}-P1.png")
+    if {"P2", "P4"} & only:
+        from bench import p2_batching, p4_overhead
+        from teacher_server.config import TeacherConfig
+
+        p2_cfg = TeacherConfig(model=p2_batching.MODEL, device="cpu", num_cpus=0.5, max_batch_requests=8,
+                               batch_wait_timeout_s=0.002)
+        p4_cfg = TeacherConfig(model=p4_overhead.MODEL, device="cpu", num_cpus=0.5)
+        with Stack(log) as stack:
+            if not args.no_serve:
+                apps = {}
+                if "P2" in only:
+                    apps["p2"] = p2_cfg.model_dump()
+                if "P4" in only:
+                    apps["p4"] = p4_cfg.model_dump()
+                stack.start_serve(apps)
+            else:
+                stack.notes["serve"] = "--no-serve"
+            if "P2" in only:
+                figs.append(p2_batching.run(args.quick, log, stack.serve.get("p2"), stack.notes.get("serve", "")))
+            if "P4" in only:
+                from bench.bench_teacher import start_echo_server
+                from bench.common import ChildTeacher
+                from kdserve.wire import CHANNEL_OPTIONS
+
+                echo_proc, echo_port = start_echo_server(list(CHANNEL_OPTIONS))
+                stack.exit.callback(echo_proc.terminate)
+                grpc_teacher = ChildTeacher(p4_overhead.MODEL)
+                stack.exit.callback(grpc_teacher.stop)
+                addresses = {"plain gRPC": grpc_teacher.wait_ready().address}
+                if "p4" in stack.serve:
+                    addresses["Ray Serve"] = stack.serve["p4"]
+                if not args.no_triton:
+                    tri = stack.start_triton(p4_cfg)
+                    if tri:
+                        addresses["Triton"] = tri
+                else:
+                    stack.notes["triton"] = "--no-triton"
+                notes = [f"{k} skipped: {v}" for k, v in stack.notes.items()]
+                p4 = p4_overhead.run(args.quick, log, addresses, echo_port, notes)
+                figs += p4
+                rows = [r for f in p4 for r in f.rows]
+                if rows:
+                    p4_overhead.plot(rows, out_dir / f"{stem}-P4.png")
+                    plots.append(f"{stem}-P4.png")
+
+    order = {k: i for i, k in enumerate(["P1_prefetch_ratio", "P2_batching_ratio", "P3_bytes_ratio",
+                                         "P4_ratio_grpc", "P4_ratio_serve", "P4_ratio_triton"])}
+    figs.sort(key=lambda f: order.get(f.key, 99))
+    import grpc
+    import torch
+
+    meta = {"date": f"{dt.datetime.now():%Y-%m-%d %H:%M}", "host": socket.gethostname(), "cpus": os.cpu_count(),
+            "quick": args.quick, "seconds": time.perf_counter() - t0, "python": sys.version.split()[0],
+            "torch": torch.__version__, "grpc": grpc.__version__, "plots": plots}
+    doc = {f.key: f.as_json() for f in figs}
+    doc["meta"] = meta
+    (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=2, default=float))
+    md = markdown(figs, meta) + "".join(f"\n![{p}]({p})\n" for p in plots)
+    (out_dir / f"{stem}.md").write_text(md)
+    print()
+    print(md)
+    log(f"wrote {out_dir / stem}.json / .md")
+    return 0
+
+
+Stack.__enter__ = lambda self: self  # type: ignore[attr-defined]
+Stack.__exit__ = lambda self, *exc: self.exit.close()  # type: ignore[attr-defined]

@@ -109,10 +109,11 @@ def teacher_address(cfg) -> str:
 
 
 def describe(address: str, cfg):
-    from student_workers.client import SyncTeacherClient
+    from student_workers.train import teacher_client
 
-    with SyncTeacherClient(address, experiment_id=cfg.run.name, timeout=min(30.0, cfg.teacher.timeout_s),
-                           max_retries=cfg.teacher.max_retries) as c:
+    # Before any cluster starts a missing teacher should cost seconds, not the whole retry budget.
+    with teacher_client(cfg, address, cfg.run.name, timeout=min(30.0, cfg.teacher.timeout_s),
+                        retry_budget_s=min(15.0, cfg.teacher.retry_budget_s)) as c:
         return c.describe()
 
 
@@ -127,17 +128,17 @@ def eval_batches(cfg):
 def evaluate(cfg, address, info, state_dict=None) -> dict:
     import torch
 
-    from student_workers.client import SyncTeacherClient
     from student_workers.distiller import Distiller
     from student_workers.evaluate import agreement
     from student_workers.students import build_student
+    from student_workers.train import teacher_client
 
     torch.manual_seed(cfg.train.seed)
     distiller = Distiller(build_student(cfg.student), cfg.distill, info)
     if state_dict is not None:
         distiller.load_state_dict(state_dict)
     n = max(1, cfg.data.eval_samples // cfg.data.batch_size)
-    with SyncTeacherClient(address, experiment_id=f"{cfg.run.name}-eval") as client:
+    with teacher_client(cfg, address, f"{cfg.run.name}-eval") as client:
         return agreement(distiller, client, eval_batches(cfg), distiller.target_spec(), n)
 
 

@@ -17,6 +17,8 @@ from student_workers.student_base import StudentConfig
 
 
 class TeacherSection(Strict):
+    """Where targets come from, and how the client talks to it."""
+
     address: str | None = Field(
         None,
         description="grpc://host:port[/app] of a running teacher. Empty: the job deploys `local` on Ray "
@@ -27,7 +29,12 @@ class TeacherSection(Strict):
     host: str = Field("127.0.0.1", description="Interface the locally deployed teacher binds: loopback by "
                       "default (workers on this node only); 0.0.0.0 to serve workers on other nodes.")
     timeout_s: float = Field(60.0, gt=0, description="Deadline of one teacher call.")
-    max_retries: int = Field(5, ge=0, description="Retries on UNAVAILABLE / DEADLINE_EXCEEDED, with backoff.")
+    retry_budget_s: float = Field(
+        120.0, ge=0, description="How long a step keeps retrying UNAVAILABLE / DEADLINE_EXCEEDED (with backoff) "
+        "before the job fails: long enough to ride out a teacher restart.")
+    auth_token_file: str | None = Field(
+        None, description="File holding the teacher's bearer token (else $KDSERVE_AUTH_TOKEN; none: no token).")
+    tls_ca_file: str | None = Field(None, description="CA bundle to trust for a grpcs:// teacher (default: system roots).")
     prefetch_depth: int = Field(2, ge=0, description="Teacher requests kept in flight ahead of training (0: none).")
     target_dtype: Literal["float32", "float16", "bfloat16", "int8"] = Field(
         "float32", description="Wire dtype of the targets (float16/int8 halve/quarter the bytes)."

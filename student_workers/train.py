@@ -103,6 +103,14 @@ class ArmPlan:
         return self.distiller.target_spec(self.dtype, arm)
 
 
+def teacher_client(cfg: JobConfig, address: str, experiment_id: str, **kwargs) -> SyncTeacherClient:
+    """The job's client of the teacher: deadlines, retry budget, token and TLS from ``cfg.teacher``."""
+    t = cfg.teacher
+    opts = dict(experiment_id=experiment_id, timeout=t.timeout_s, retry_budget_s=t.retry_budget_s,
+                auth_token_file=t.auth_token_file, tls_ca_file=t.tls_ca_file)
+    return SyncTeacherClient(address, **{**opts, **kwargs})
+
+
 def lr_at(step: int, cfg: JobConfig) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     t = cfg.train
@@ -130,8 +138,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)  # every rank builds the same initial student
 
-    client = SyncTeacherClient(address, experiment_id=cfg.run.name, timeout=cfg.teacher.timeout_s,
-                               max_retries=cfg.teacher.max_retries)
+    client = teacher_client(cfg, address, cfg.run.name)
     info = client.describe()
     distiller = Distiller(build_student(cfg.student), cfg.distill, info)
     opt = torch.optim.AdamW(distiller.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -171,7 +178,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     pre = Prefetcher(source, lambda b: (teacher_inputs(b, size), plan.spec_for_next()),
                      client if distiller.needs_teacher else NoTeacher(),
                      depth=cfg.teacher.prefetch_depth,
-                     timeout=cfg.teacher.timeout_s * (cfg.teacher.max_retries + 1) + 10, name=address)
+                     timeout=client.client.max_call_s() + 10, name=address)
     t_log, wait_log, n_log, sums = time.perf_counter(), 0.0, 0, {}
     last_metrics: dict = {}
     try:

@@ -86,7 +86,7 @@ def test_distill_checkpoint_and_resume(tmp_path, minilm_address):
 
 def test_unreachable_teacher_is_a_one_line_error(tmp_path):
     cfg_path = tmp_path / "job.yaml"
-    cfg_path.write_text(json.dumps({"teacher": {"address": f"grpc://127.0.0.1:{free_port()}", "max_retries": 1,
+    cfg_path.write_text(json.dumps({"teacher": {"address": f"grpc://127.0.0.1:{free_port()}", "retry_budget_s": 1,
                                                 "timeout_s": 2}}))
     r = subprocess.run([sys.executable, "distill_job.py", "--config", str(cfg_path), "--set", "run.num_cpus=2",
                         "--set", f"run.storage_path={tmp_path}"], cwd=ROOT, capture_output=True, text=True,

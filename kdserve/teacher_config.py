@@ -37,6 +37,11 @@ class TeacherConfig(Strict):
         1 << 30, ge=1, description="Larger GetTargets replies get RESOURCE_EXHAUSTED (use StreamTargets)."
     )
     stream_chunk_bytes: int = Field(32 << 20, ge=1, description="Target size of one StreamTargets chunk.")
+    stream_stall_timeout_s: float = Field(
+        60.0, gt=0,
+        description="Plain gRPC server: a StreamTargets client that reads no chunk for this long is cancelled, "
+        "freeing its handler and the computed targets it holds.",
+    )
     num_replicas: int = Field(1, ge=1, description="Ray Serve replicas of the teacher.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions share a GPU).")
@@ -58,6 +63,22 @@ class TeacherConfig(Strict):
         0, ge=0,
         description="Bytes of computed targets the teacher keeps (LRU) and reuses for identical requests "
         "(same input bytes, spec and fingerprint) from any experiment; 0 turns the cache off.",
+    )
+    max_requests_per_experiment: int = Field(
+        32, ge=0,
+        description="Most requests one experiment may have waiting or computing at once; more get "
+        "RESOURCE_EXHAUSTED at once (lower the student's prefetch depth or client count). Keeps one "
+        "experiment from holding every handler and queue slot of a shared teacher. 0: no cap.",
+    )
+    max_queued_bytes_per_experiment: int = Field(
+        1 << 30, ge=0,
+        description="Most request bytes (decoded inputs) one experiment may have waiting or computing at "
+        "once; more get RESOURCE_EXHAUSTED. 0: no cap.",
+    )
+    auth_token_file: str | None = Field(
+        None,
+        description="Ray Serve only: file holding the shared bearer token every call must carry "
+        "(a k8s Secret mount); unset: $KDSERVE_AUTH_TOKEN in the replica, else no auth.",
     )
     metrics_port: int = Field(
         0, ge=0, description="Plain gRPC server only: serve Prometheus metrics on this port (0: none)."

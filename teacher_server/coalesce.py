@@ -10,6 +10,12 @@ or FIFO), after dropping work whose caller went away and answering cache hits wi
 Isolation: if a batched forward raises, its members are retried one by one, so only the request
 that breaks the forward fails. When it fails alone while others of the same batch succeed, the
 fault lies with its inputs: it is refused as InputRejected (a SpecError: INVALID_ARGUMENT).
+
+Bounded resources: each experiment may have at most ``max_requests`` requests and
+``max_queued_bytes`` of decoded inputs waiting or computing at once (TeacherConfig
+``max_requests_per_experiment`` / ``max_queued_bytes_per_experiment``); beyond that ``submit``
+raises ``Overloaded`` (RESOURCE_EXHAUSTED) before anything is queued, so one experiment cannot
+fill a shared teacher's memory or handlers.
 """
 from __future__ import annotations
 
@@ -19,12 +25,21 @@ from typing import Any, Callable
 
 from teacher_server.engine import BatchStats, Work
 from teacher_server.fair_queue import FairQueue, Policy
-from teacher_server.spec import SpecError
+from teacher_server.spec import SpecError, TooLarge, shown
 from teacher_server.target_cache import TargetCache
 
 
 class InputRejected(SpecError):
     """The teacher's forward failed on this request alone, while other requests ran fine."""
+
+
+class Overloaded(TooLarge):
+    """An experiment is over its cap of concurrent requests or queued bytes: RESOURCE_EXHAUSTED."""
+
+
+def work_bytes(w: Work) -> int:
+    """Decoded input bytes of ``w``: what holding it in the queue costs."""
+    return sum(t.numel() * t.element_size() for t in w.inputs.values())
 
 
 def _samples(w: Work) -> int:
@@ -54,6 +69,8 @@ class Coalescer:
         weights: dict[str, float] | None = None,
         cache: TargetCache | None = None,
         metrics: Any = None,
+        max_requests: int = 0,
+        max_queued_bytes: int = 0,
     ):
         self._run = run
         self.max_samples = max_samples
@@ -63,15 +80,62 @@ class Coalescer:
         self._metrics = metrics
         self._drainer: asyncio.Task | None = None
         self._keys: dict[int, str] = {}  # id(future) -> cache key of its work
+        self.max_requests = max_requests  # per experiment, 0: no cap
+        self.max_queued_bytes = max_queued_bytes
+        self.in_flight: dict[str, list[int]] = {}  # experiment -> [requests, bytes] waiting or computing
 
     @classmethod
     def from_config(cls, engine, cfg, on_batch=None, metrics=None, cache_events=None) -> "Coalescer":
         """The Coalescer a frontend puts in front of ``engine`` as ``cfg`` (TeacherConfig) says."""
         cache = TargetCache(cfg.cache_bytes, engine.fingerprint, cache_events) if cfg.cache_bytes > 0 else None
         return cls(engine.run, cfg.max_batch_size, on_batch=on_batch, scheduler=cfg.scheduler,
-                   weights=cfg.experiment_weights, cache=cache, metrics=metrics)
+                   weights=cfg.experiment_weights, cache=cache, metrics=metrics,
+                   max_requests=cfg.max_requests_per_experiment, max_queued_bytes=cfg.max_queued_bytes_per_experiment)
+
+    def _admit(self, works: list[Work]) -> list[tuple[str, int]]:
+        """Reserve each work's slot and bytes under its experiment's caps, all or none; raises Overloaded."""
+        want: dict[str, list[int]] = {}
+        for w in works:
+            n = want.setdefault(w.experiment, [0, 0])
+            n[0] += 1
+            n[1] += work_bytes(w)
+        for exp, (reqs, nbytes) in want.items():
+            held_reqs, held_bytes = self.in_flight.get(exp, (0, 0))
+            if self.max_requests and held_reqs + reqs > self.max_requests:
+                raise Overloaded(
+                    f"experiment {shown(exp)} has {held_reqs} requests in flight, the teacher's cap is "
+                    f"{self.max_requests}: send fewer at once (prefetch depth, clients)"
+                )
+            if self.max_queued_bytes and held_bytes + nbytes > self.max_queued_bytes:
+                raise Overloaded(
+                    f"experiment {shown(exp)} has {held_bytes / 2**20:.1f} MiB of requests in flight; "
+                    f"{nbytes / 2**20:.1f} MiB more is over the teacher's cap of {self.max_queued_bytes / 2**20:.1f} MiB"
+                )
+        held = []
+        for exp, (reqs, nbytes) in want.items():
+            cur = self.in_flight.setdefault(exp, [0, 0])
+            cur[0] += reqs
+            cur[1] += nbytes
+            held.append((exp, reqs, nbytes))
+        return held
+
+    def _release(self, held) -> None:
+        for exp, reqs, nbytes in held:
+            cur = self.in_flight[exp]
+            cur[0] -= reqs
+            cur[1] -= nbytes
+            if cur[0] <= 0:
+                del self.in_flight[exp]
 
     async def submit(self, works: list[Work]) -> list[tuple]:
+        """Results in the order of ``works``; raises Overloaded when an experiment is over its caps."""
+        held = self._admit(works)
+        try:
+            return await self._submit(works)
+        finally:
+            self._release(held)  # answered, failed or cancelled: the slot is free again
+
+    async def _submit(self, works: list[Work]) -> list[tuple]:
         loop = asyncio.get_running_loop()
         futures = []
         for w in works:

@@ -3,7 +3,13 @@
 The sync handlers hand their requests to the same Coalescer as the Ray Serve deployment, running
 on one asyncio loop thread: requests of all clients share forwards, picked fairly across
 experiments, with the target cache and per-request isolation. A client that cancels or whose
-deadline passes has its request dropped from the queue. ``run_server`` follows the grpc examples:
+deadline passes has its request dropped from the queue.
+
+StreamTargets is flow-controlled: chunks are encoded one at a time, each only once the previous one
+was handed to the transport (the sync server pulls the generator after a send completes, and a
+send waits for HTTP/2 flow control), so an unread stream holds the computed outputs plus about one
+encoded chunk and the transport's window, never every encoded chunk. A client that reads nothing
+for ``stream_stall_timeout_s`` is cancelled. ``run_server`` follows the grpc examples:
 a context manager yielding the port; metrics go to a Prometheus endpoint when asked.
 """
 from __future__ import annotations
@@ -86,10 +92,25 @@ class Servicer(pb_grpc.TeacherServiceServicer):
     def StreamTargets(self, request, context):
         work, outputs, stats, queue_ms = self._compute(request, context, stream=True)
         samples = nbytes = 0
-        for chunk in self.service.chunks(request, work, outputs, stats, queue_ms):
+        stall_s = self.service.cfg.stream_stall_timeout_s
+        chunks = self.service.chunks(request, work, outputs, stats, queue_ms)  # lazy: one encoded at a time
+        del outputs  # the generator holds them; dropped with it when the stream ends or is cancelled
+        for chunk in chunks:
+            if not context.is_active():  # client gone or deadline passed: encode nothing more
+                return
             samples += reply_samples(chunk)
             nbytes += reply_bytes(chunk)
-            yield chunk
+            # The generator resumes only once this chunk was sent; a client that stops reading
+            # never lets it resume, so the timer cancels the call (the send then fails, the
+            # generator is closed and the outputs freed).
+            watchdog = threading.Timer(stall_s, context.cancel)
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                yield chunk
+            finally:
+                watchdog.cancel()
+            del chunk
         self.metrics.answered(request.experiment_id, samples, nbytes, queue_ms)  # one count per request
 
 

@@ -47,6 +47,9 @@ KDSERVE_IMAGE = "kdserve:0.1.0-gpu"
 KDSERVE_CPU_IMAGE = "kdserve:0.1.0-cpu"
 TEACHER_SERVICE = "kdserve-teacher"
 GPU = "nvidia.com/gpu"
+THIRD_PARTY_IMAGES = ("nvcr.io/", "envoyproxy/envoy:")  # Triton's image, the TLS proxy
+TLS_PROXY = "kdserve-teacher-tls"
+TOKEN_SECRET = "kdserve-teacher-token"
 
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -470,7 +473,7 @@ def test_cpu_overlay_renders_and_validates(crds, overlay_docs):
 def _broken_cases():
     rs = one(BASE, "RayService")
     job = find(BASE, "RayJob")[0]
-    dep = one(BASE, "Deployment")
+    dep = one(BASE, "Deployment", "kdserve-triton")
     svc = one(BASE, "Service", TEACHER_SERVICE)
     np_ = find(BASE, "NetworkPolicy")[0]
 
@@ -565,10 +568,10 @@ def test_cpu_overlay_patches_hit_existing_fields_and_remove_every_gpu(overlay_do
     text = yaml.safe_dump_all(overlay_docs)
     assert GPU not in text, "the CPU overlay still requests or tolerates GPUs"
     for label, doc in BASE:  # the base does use GPUs where the overlay removes them
-        if doc["kind"] in ("RayService", "Deployment"):
+        if doc["kind"] in ("RayService", "Deployment") and doc["metadata"]["name"] != TLS_PROXY:
             assert GPU in yaml.safe_dump(doc), label
     # a patch whose path does not exist fails (RFC 6902), so the overlay cannot silently drift
-    doc = copy.deepcopy(one(BASE, "Deployment"))
+    doc = copy.deepcopy(one(BASE, "Deployment", "kdserve-triton"))
     with pytest.raises(ManifestError):
         apply_json6902(doc, [{"op": "remove", "path": "/spec/template/spec/nodeSelectorr"}])
 
@@ -718,9 +721,12 @@ def test_network_policies_let_only_students_reach_the_teachers():
     rayservice = one(BASE, "RayService")
     triton = one(BASE, "Deployment", "kdserve-triton")
     students = [lab for job in find(BASE, "RayJob") for lab in template_labels(job)]
-    teachers = {"ray-serve": template_labels(rayservice), "triton": template_labels(triton)}
+    proxy = one(BASE, "Deployment", TLS_PROXY)
+    teachers = {"ray-serve": template_labels(rayservice), "triton": template_labels(triton),
+                "tls-proxy": template_labels(proxy)}
     service_ports = {"ray-serve": one(BASE, "Service", TEACHER_SERVICE),
-                     "triton": one(BASE, "Service", "kdserve-triton")}
+                     "triton": one(BASE, "Service", "kdserve-triton"),
+                     "tls-proxy": one(BASE, "Service", TLS_PROXY)}
     policies = find(BASE, "NetworkPolicy")
     covered = set()
     for np_ in policies:
@@ -741,6 +747,10 @@ def test_network_policies_let_only_students_reach_the_teachers():
                     if any(selects(sel, lab) for lab in students):
                         assert all(selects(sel, lab) for lab in students), "every student pod must be allowed"
                         student_rules.append(rule)
+                    elif backend == "ray-serve" and all(selects(sel, lab) for lab in teachers["tls-proxy"]):
+                        # the TLS proxy forwards to the teacher's gRPC port, and only there
+                        assert [p["port"] for p in rule["ports"]] == [
+                            next(p["port"] for p in service_ports["ray-serve"]["spec"]["ports"] if p["name"] == "grpc")]
                     else:  # the teacher's own pods (Ray's internal traffic), nobody else
                         assert all(selects(sel, lab) for lab in teachers[backend])
                         assert not any(selects(sel, lab) for lab in other)
@@ -837,7 +847,7 @@ def _kdserve_images(docs) -> set[str]:
     images = set()
     for doc in docs:
         for _, template in pod_templates(doc):
-            images |= {c["image"] for c in all_containers(template) if not c["image"].startswith("nvcr.io/")}
+            images |= {c["image"] for c in all_containers(template) if not c["image"].startswith(THIRD_PARTY_IMAGES)}
     return images
 
 
@@ -866,3 +876,75 @@ def test_images_match_the_dockerfile(overlay_docs):
         prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
         assert not any(fnmatch.fnmatch(p, pat.lstrip("/")) for p in prefixes for pat in ignored), \
             f".dockerignore leaves {path} out of the image"
+
+
+# ------------------------------------------------------------------------------------------------
+# Security: the shared token and the TLS proxy
+# ------------------------------------------------------------------------------------------------
+
+
+def _secret_files(template: dict, container: dict, secret: str) -> set[str]:
+    """Paths at which ``container`` sees the keys of Secret ``secret`` (whole-Secret volume mounts)."""
+    vols = {v["name"]: v for v in template["spec"].get("volumes", []) if v.get("secret", {}).get("secretName") == secret}
+    out = set()
+    for m in container.get("volumeMounts", []):
+        if m["name"] in vols:
+            assert m.get("readOnly") is True, f"{container['name']}: mount the token read-only"
+            keys = [i["path"] for i in vols[m["name"]]["secret"].get("items", [])] or ["token"]
+            out |= {f"{m['mountPath']}/{k}" for k in keys}
+    return out
+
+
+def test_token_is_mounted_where_the_teacher_and_students_read_it():
+    from kdserve.config import load
+    from kdserve.teacher_config import TeacherConfig
+    from student_workers.job_config import JobConfig
+
+    rs = one(BASE, "RayService")
+    (app,) = serve_config(rs)["applications"]
+    token_file = TeacherConfig(**app["args"]).auth_token_file
+    assert token_file, "the shared teacher must require the token"
+    cluster = rs["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for t in templates:  # wherever a replica may run (the Serve app reads the file in the replica)
+        assert token_file in _secret_files(t, t["spec"]["containers"][0], TOKEN_SECRET)
+    for job in find(BASE, "RayJob"):
+        cfg = load(JobConfig, ROOT / shlex.split(job["spec"]["entrypoint"])[3])
+        head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+        assert cfg.teacher.auth_token_file, job["metadata"]["name"]
+        for c in head["spec"]["containers"] + head["spec"]["initContainers"]:  # trainer and wait-for-teacher
+            assert cfg.teacher.auth_token_file in _secret_files(head, c, TOKEN_SECRET), (job["metadata"]["name"], c["name"])
+    # the init script passes the token on, or it would wait forever on UNAUTHENTICATED
+    script = one(BASE, "ConfigMap", "kdserve-wait-for-teacher")["data"]["wait_for_teacher.py"]
+    assert "auth_token_file=cfg.teacher.auth_token_file" in script
+    # no token value is shipped: the Secret is created by the operator (k8s/README.md)
+    assert not find(BASE, "Secret")
+
+
+def test_tls_proxy_terminates_tls_and_forwards_to_the_teacher_service():
+    cm = one(BASE, "ConfigMap", "kdserve-teacher-tls-proxy")
+    envoy = yaml.safe_load(cm["data"]["envoy.yaml"])
+    (listener,) = envoy["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    tls_ctx = chain["transport_socket"]["typed_config"]["common_tls_context"]
+    assert tls_ctx["alpn_protocols"] == ["h2"]
+    cert_files = {tls_ctx["tls_certificates"][0]["certificate_chain"]["filename"],
+                  tls_ctx["tls_certificates"][0]["private_key"]["filename"]}
+    dep = one(BASE, "Deployment", TLS_PROXY)
+    tmpl = dep["spec"]["template"]
+    (c,) = tmpl["spec"]["containers"]
+    assert cert_files == _secret_files(
+        {"spec": {"volumes": [{**v, "secret": {**v["secret"], "items": [{"key": k, "path": k} for k in ("tls.crt", "tls.key")]}}
+                              if "secret" in v else v for v in tmpl["spec"]["volumes"]]}}, c, "kdserve-teacher-tls")
+    (cluster,) = envoy["static_resources"]["clusters"]
+    addr = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    svc = one(BASE, "Service", TEACHER_SERVICE)
+    grpc_port = {p["name"]: p["port"] for p in svc["spec"]["ports"]}["grpc"]
+    assert addr == {"address": f"{TEACHER_SERVICE}.{svc['metadata']['namespace']}.svc.cluster.local", "port_value": grpc_port}
+    assert "http2_protocol_options" in str(cluster["typed_extension_protocol_options"])
+    listen = listener["address"]["socket_address"]["port_value"]
+    ports = named_ports(c)
+    assert ports["grpcs"] == listen
+    proxy_svc = one(BASE, "Service", TLS_PROXY)
+    assert proxy_svc["spec"]["ports"][0]["targetPort"] == "grpcs"
+    assert c["readinessProbe"]["httpGet"]["port"] == "admin" and ports["admin"] == envoy["admin"]["address"]["socket_address"]["port_value"]

@@ -133,3 +133,56 @@ def test_bad_input_gets_status_and_server_survives(stub, local_vit, name, reques
         list(stub.StreamTargets(request_))
     assert e.value.code() == code, e.value.details()
     assert stub.Describe(pb.DescribeRequest()).fingerprint == local_vit.fingerprint
+
+
+@pytest.fixture(scope="module")
+def secured(serve_teachers, tmp_path_factory):
+    """A third app whose replicas need a bearer token (TeacherConfig.auth_token_file) and cap bytes."""
+    from ray import serve
+
+    from tests.conftest import tiny_vit_config
+    from teacher_server.serve_app import build_app
+
+    token_file = tmp_path_factory.mktemp("tok") / "token"
+    token_file.write_text("s3cret-serve\n")
+    cfg = tiny_vit_config(num_cpus=0.25, auth_token_file=str(token_file), max_queued_bytes_per_experiment=64 << 10)
+    serve.run(build_app(cfg.model_dump()), name="secured", route_prefix="/secured")
+    channel = grpc.insecure_channel(f"127.0.0.1:{serve_teachers['port']}", options=wire.CHANNEL_OPTIONS)
+    yield pb_grpc.TeacherServiceStub(channel), TeacherEngine.from_config(cfg)
+    channel.close()
+
+
+SECURED = ("application", "secured")
+
+
+def test_serve_proxy_forwards_the_token_and_replicas_check_it(secured):
+    from kdserve import auth
+
+    stub, engine = secured
+    req = wire.build_request({"pixel_values": torch.rand(1, 3, 32, 32)}, wire.target_spec(logits=True), "ünï-実験")
+    good = (SECURED, *auth.metadata("s3cret-serve"))
+    for md, msg in (((SECURED,), auth.MISSING), ((SECURED, *auth.metadata("wrong")), auth.WRONG)):
+        for call in (lambda: stub.GetTargets(req, metadata=md), lambda: list(stub.StreamTargets(req, metadata=md)),
+                     lambda: stub.Describe(pb.DescribeRequest(), metadata=md)):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert (e.value.code(), e.value.details()) == (grpc.StatusCode.UNAUTHENTICATED, msg)
+    reply = stub.GetTargets(req, metadata=good)  # a non-ASCII experiment id is served
+    (ref,), _ = engine.run([Work({"pixel_values": codec.decode(req.inputs["pixel_values"])}, TargetSpec(logits=True))])
+    torch.testing.assert_close(codec.decode_map(reply.outputs)["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
+    assert [c.fingerprint for c in stub.StreamTargets(req, metadata=good)] == [engine.fingerprint]
+    assert stub.Describe(pb.DescribeRequest(), metadata=good).fingerprint == engine.fingerprint
+
+
+def test_serve_byte_cap_is_resource_exhausted(secured):
+    from kdserve import auth
+
+    stub, _ = secured
+    big = wire.build_request({"pixel_values": torch.rand(8, 3, 32, 32)}, wire.target_spec(logits=True), "cap")  # 96 KiB
+    md = (SECURED, *auth.metadata("s3cret-serve"))
+    for call in (lambda: stub.GetTargets(big, metadata=md), lambda: list(stub.StreamTargets(big, metadata=md))):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert e.value.details() == ("experiment 'cap' has 0.0 MiB of requests in flight; 0.1 MiB more is over "
+                                     "the teacher's cap of 0.1 MiB")

@@ -141,6 +141,9 @@ def _until(cond, what: str, limit: float = 20.0):
         time.sleep(0.005)
 
 
+POISON = 4242  # a valid token id that the patched adapter refuses
+
+
 def _text(seed: int, T: int):
     return torch.randint(1000, 5000, (2, T), generator=torch.Generator().manual_seed(seed))
 
@@ -170,15 +173,25 @@ def _held(engine, servicer, stub, results):
 
 
 def test_bad_request_fails_alone_with_invalid_argument(minilm_engine, monkeypatch):
+    """Validation catches what it can before a request joins a batch; a sample that still breaks
+    the forward (here: the adapter refuses a poisoned token, as a model bug would) must fail only
+    its own request."""
     forwards = []
     forward = minilm_engine.adapter.forward
-    monkeypatch.setattr(minilm_engine.adapter, "forward",
-                        lambda inputs, *a, **k: (forwards.append(inputs["input_ids"].shape), forward(inputs, *a, **k))[1])
+
+    def poisoned_forward(inputs, *a, **k):
+        forwards.append(inputs["input_ids"].shape)
+        if bool((inputs["input_ids"] == POISON).any()):
+            raise IndexError("poisoned sample in the batch")
+        return forward(inputs, *a, **k)
+
+    monkeypatch.setattr(minilm_engine.adapter, "forward", poisoned_forward)
     spec = wire.target_spec(hidden={"text": [6]})
-    bad_types = torch.full((2, 7), 7, dtype=torch.int64)  # segment ids past type_vocab_size (2)
+    poisoned = _text(2, 7)
+    poisoned[0, 3] = POISON
     reqs = {
         "good-a": wire.build_request({"input_ids": _text(1, 5)}, spec, experiment_id="exp-a"),
-        "bad": wire.build_request({"input_ids": _text(2, 7), "token_type_ids": bad_types}, spec, experiment_id="exp-b"),
+        "bad": wire.build_request({"input_ids": poisoned}, spec, experiment_id="exp-b"),
         "good-c": wire.build_request({"input_ids": _text(3, 11)}, spec, experiment_id="exp-c"),
     }
     results: dict = {}
@@ -194,7 +207,7 @@ def test_bad_request_fails_alone_with_invalid_argument(minilm_engine, monkeypatc
     assert (6, 11) in forwards  # the three shared one padded forward (2 samples each, longest 11) first
     bad = results["bad"]
     assert isinstance(bad, grpc.RpcError) and bad.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
-    assert "IndexError" in bad.details()
+    assert "poisoned" in bad.details()
     for name, seed, T in (("good-a", 1, 5), ("good-c", 3, 11)):
         got = codec.decode(results[name].outputs["hidden.text.6"])
         (ref,), _ = minilm_engine.run([Work({"input_ids": _text(seed, T)}, TargetSpec(hidden=(("text", (6,)),)))])

@@ -81,7 +81,7 @@ class TeacherMetrics:
         self.batch_requests = hist("kdserve_teacher_batch_requests", "Requests per server batch.", _BUCKETS_BATCH, ())
         self.forward_samples = hist("kdserve_teacher_forward_samples", "Samples per model forward.", _BUCKETS_BATCH, ())
         self.padding = hist("kdserve_teacher_padding_fraction", "Padded share of the token slots of a batch.",
-                            [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9], ())
+                            [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9], ())
         self.served_samples = counter("kdserve_teacher_served_samples",
                                       "Samples sent to a forward, by experiment (what the scheduler shares).", exp)
         self.queue_len = gauge("kdserve_teacher_queue_requests", "Requests waiting for a forward.", exp)

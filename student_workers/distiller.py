@@ -10,6 +10,7 @@ module; ``arm`` (OPTIMA, methods.md section 7) restricts the layerwise terms to 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -154,14 +155,26 @@ class Distiller(nn.Module):
         return need
 
     # -- the loss ----------------------------------------------------------------------------
-    def forward(self, inputs, targets, labels=None, arm=None, enqueue: bool = True):
-        out = self.student(inputs, need_attention=self.attention_needed(arm))
-        return self.losses(out, targets, labels, arm, enqueue)
+    def forward(self, inputs, targets, labels=None, arm=None, enqueue: bool = True, measure: bool = False):
+        """``measure``: an OPTIMA measurement step; every module's losses are computed (the
+        attention of every module included) whatever ``arm`` trains, so the reward does not
+        depend on the arm that was played (methods.md section 7)."""
+        out = self.student(inputs, need_attention=self.attention_needed(None if measure else arm))
+        return self.losses(out, targets, labels, arm, enqueue, measure)
 
-    def losses(self, out, targets, labels=None, arm=None, enqueue: bool = True):
-        """(total, terms): total trains the student; terms (detached) hold every term, plus the
-        full-model ``hid``/``attn`` sums over ALL mapped layers present in ``targets`` (OPTIMA's
-        reward signal) whatever the arm."""
+    def losses(self, out, targets, labels=None, arm=None, enqueue: bool = True, measure: bool = False):
+        """(total, terms). ``total`` trains the student: the layerwise terms of the modules in
+        ``arm`` (all modules when ``arm`` is None) plus the module-independent terms.
+
+        ``terms`` (detached) holds every computed term: ``hid.<m>`` / ``attn.<m>`` per module,
+        ``kd``, ``task``, ``nce.<m>``, ``data2vec.<m>``. When every module is computed (``arm`` is
+        None, or ``measure``) it also holds the full-model sums ``hid`` and ``attn`` over all
+        mapped layers: OPTIMA's reward signal. On a measurement step the modules outside ``arm``
+        are evaluated without gradient; they do not enter ``total``.
+
+        A target that a computed term needs and ``targets`` lacks is a ``ValueError`` naming the
+        key: a skipped term would silently change both the objective and the reward.
+        """
         c = self.cfg
         views = module_views(out)
         if "" in views and len(self.modules_) == 1:
@@ -169,6 +182,7 @@ class Distiller(nn.Module):
         ref = next(iter(views.values())).hidden[-1]
         total = ref.new_zeros(())
         terms: dict[str, torch.Tensor] = {}
+        full = arm is None or measure
         hid_all = ref.new_zeros(())
         attn_all = ref.new_zeros(())
         for m, v in views.items():
@@ -176,30 +190,31 @@ class Distiller(nn.Module):
                 continue
             tm = m
             trains = arm is None or m in arm
-            if c.feature_weight > 0:
-                for s, t in self.pairs[m]:
-                    key = f"hidden.{tm}.{t}"
-                    if key not in targets:
-                        continue
-                    term = feature_loss(v.hidden[s - 1], _t(targets[key], v.hidden[s - 1]), c.feature_kind,
-                                        mask=v.mask, projection=self.proj[f"{m}_{s}"])
-                    hid_all = hid_all + term.detach()
-                    if trains:
-                        total = total + c.feature_weight * term
-                        terms[f"hid.{m}"] = terms.get(f"hid.{m}", 0) + term.detach()
-            if c.attention_weight > 0 and v.attentions is not None:
-                term = self._attention(m, tm, v, targets)
-                if term is not None:
-                    attn_all = attn_all + term.detach()
-                    if trains:
-                        total = total + c.attention_weight * term
-                        terms[f"attn.{m}"] = term.detach()
+            if trains or measure:
+                # Outside the arm the term is only measured: no graph, no gradient.
+                with contextlib.nullcontext() if trains else torch.no_grad():
+                    if c.feature_weight > 0:
+                        hid = ref.new_zeros(())
+                        for s, t in self.pairs[m]:
+                            key = f"hidden.{tm}.{t}"
+                            hid = hid + feature_loss(v.hidden[s - 1], _t(_need(targets, key), v.hidden[s - 1]),
+                                                     c.feature_kind, mask=v.mask, projection=self.proj[f"{m}_{s}"])
+                        hid_all = hid_all + hid.detach()
+                        terms[f"hid.{m}"] = hid.detach()
+                        if trains:
+                            total = total + c.feature_weight * hid
+                    if c.attention_weight > 0:
+                        att = self._attention(m, tm, v, targets)
+                        attn_all = attn_all + att.detach()
+                        terms[f"attn.{m}"] = att.detach()
+                        if trains:
+                            total = total + c.attention_weight * att
             if c.nce_weight > 0:
                 term = self._nce(m, tm, v, targets, enqueue)
                 total = total + c.nce_weight * term
                 terms[f"nce.{m}"] = term.detach()
             if c.data2vec_weight > 0:
-                term = data2vec_loss(v.hidden, _t(targets[f"data2vec.{tm}"], v.hidden[-1]), eps=c.data2vec_eps,
+                term = data2vec_loss(v.hidden, _t(_need(targets, f"data2vec.{tm}"), v.hidden[-1]), eps=c.data2vec_eps,
                                      mask=v.mask, projection=self.d2v_proj[m])
                 total = total + c.data2vec_weight * term
                 terms[f"data2vec.{m}"] = term.detach()
@@ -211,35 +226,29 @@ class Distiller(nn.Module):
             task = F.cross_entropy(out.logits.float(), labels.to(out.logits.device))
             total = total + c.task_weight * task
             terms["task"] = task.detach()
-        if c.feature_weight > 0:
+        if full and c.feature_weight > 0:
             terms["hid"] = hid_all
-        if c.attention_weight > 0:
+        if full and c.attention_weight > 0:
             terms["attn"] = attn_all
         return total, terms
 
     def _attention(self, m, tm, v: ModuleView, targets):
         c = self.cfg
+        fn = registry.get("attention_loss", c.attention_kind)
         if c.attention_kind == "per_head":
             l_s = self.student_modules[m][0]
-            t = self.teacher_info[m].num_layers
-            key = f"attention.{tm}.{t}"
-            if key not in targets or v.attentions[l_s - 1] is None:
-                return None
-            fn = registry.get("attention_loss", c.attention_kind)
-            return fn(v.attentions[l_s - 1], _t(targets[key], v.attentions[l_s - 1]), mask=v.mask)
-        fn = registry.get("attention_loss", c.attention_kind)
-        total, found = 0, False
+            key = f"attention.{tm}.{self.teacher_info[m].num_layers}"
+            a = _student_attention(v, m, l_s)
+            return fn(a, _t(_need(targets, key), a), mask=v.mask)
+        total = 0
         for s, t in self.pairs[m]:
-            key = f"attention.{tm}.{t}"
-            a = v.attentions[s - 1]
-            if key in targets and a is not None:
-                total = total + fn(a, _t(targets[key], a[:, 0]), mask=v.mask)
-                found = True
-        return total if found else None
+            a = _student_attention(v, m, s)
+            total = total + fn(a, _t(_need(targets, f"attention.{tm}.{t}"), a[:, 0]), mask=v.mask)
+        return total
 
     def _nce(self, m, tm, v: ModuleView, targets, enqueue: bool):
         t_last = self.teacher_info[m].num_layers
-        teacher = _t(targets[f"hidden.{tm}.{t_last}"], v.hidden[-1])  # (B, T, D_t)
+        teacher = _t(_need(targets, f"hidden.{tm}.{t_last}"), v.hidden[-1])  # (B, T, D_t)
         student = self.nce_proj[m](v.hidden[-1])  # (B, T, D_t)
         queue = self.queues[m]
         loss = token_nce(student, teacher, queue.negatives().to(student.device), tau=self.cfg.nce_tau,
@@ -257,11 +266,28 @@ class Distiller(nn.Module):
         c = self.cfg
         if c.logits_top_k:
             fn = registry.get("logits_loss_topk", c.logits_loss)
-            return fn(logits, _t(targets["logits_topk.values"], logits),
-                      targets["logits_topk.indices"].to(logits.device), temperature=c.temperature)
+            return fn(logits, _t(_need(targets, "logits_topk.values"), logits),
+                      _need(targets, "logits_topk.indices").to(logits.device), temperature=c.temperature)
         fn = registry.get("logits_loss", c.logits_loss)
         kwargs = {"temperature": c.temperature} if "temperature" in inspect.signature(fn).parameters else {}
-        return fn(logits, _t(targets["logits"], logits), **kwargs)
+        return fn(logits, _t(_need(targets, "logits"), logits), **kwargs)
+
+
+def _need(targets, key: str) -> torch.Tensor:
+    """``targets[key]``, or a ValueError naming the missing key and what the reply holds."""
+    if key not in targets:
+        raise ValueError(f"teacher targets lack {key!r}, which this step's losses need "
+                         f"(the reply holds {sorted(targets)}); was the request made with another target spec?")
+    return targets[key]
+
+
+def _student_attention(v: ModuleView, m: str, block: int) -> torch.Tensor:
+    """The student's attention probabilities of 1-based ``block``; a ValueError when it gave none."""
+    a = v.attentions[block - 1] if v.attentions is not None and len(v.attentions) >= block else None
+    if a is None:
+        raise ValueError(f"the student returned no attention for module {m!r} block {block}, which "
+                         "this step's attention loss needs (see Distiller.attention_needed)")
+    return a
 
 
 def _t(target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

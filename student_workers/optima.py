@@ -431,9 +431,77 @@ class OptimaScheduler(torch.nn.Module):
         self._gen.set_state(state["rng_state"].to("cpu", torch.uint8))
         self._history = copy.deepcopy(list(state["history"]))
 
+    def summary(self) -> dict[str, Any]:
+        """The whole bandit state as plain JSON values (means, counts, arm, round, warm-up
+        position, previous and partial round losses, history, a digest of the RNG state): two
+        schedulers with equal summaries make the same choices from here on."""
+        import hashlib
+
+        rng = self._gen.get_state().numpy().tobytes()
+        return {
+            "means": self.means(),
+            "counts": [int(c) for c in self.counts.tolist()],
+            "arm_index": int(self.arm_index),
+            "round_index": int(self.round_index),
+            "warmup_pos": int(self.warmup_pos),
+            "warmup_order": [int(i) for i in self.warmup_order.tolist()],
+            "prev_losses": [float(v) if bool(self.has_prev) else None for v in self.prev_losses.tolist()],
+            "round_sums": [float(v) for v in self.averager.sums.tolist()],
+            "round_count": int(self.averager.count),
+            "history": self.history,
+            "rng_sha256": hashlib.sha256(rng).hexdigest(),
+        }
+
     def write_history(self, path: str | Path) -> None:
         """Write the history as JSON lines, the input of ``python -m student_workers.plot_optima``."""
         write_jsonl(self._history, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# One bandit per data-parallel job
+# ----------------------------------------------------------------------------------------------
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def reduce_losses(losses: Mapping[str, Any], keys: Sequence[str]) -> dict[str, float]:
+    """Mean of each of ``keys`` over the data-parallel ranks (identity without a process group).
+
+    Each rank sees only its shard of the batch; the job's full-model loss, and so the reward
+    every rank folds into its bandit, is the mean over ranks. Collective: every rank must call it
+    on the same steps.
+    """
+    import torch.distributed as dist
+
+    vals = [_loss_value(losses, k, "step") for k in keys]
+    if not _distributed():
+        return dict(zip(keys, vals))
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(vals, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+
+
+def broadcast_state(scheduler: "OptimaScheduler", src: int = 0) -> None:
+    """Every rank adopts rank ``src``'s bandit state (means, counts, arm, RNG, history).
+
+    With reduced losses and one seed the ranks already compute the same state; broadcasting makes
+    rank ``src`` the one place the arm is decided, so the data-parallel gradients can never mix
+    objectives (a float differing in the last bit would otherwise be enough to split the ranks).
+    Collective; a no-op without a process group.
+    """
+    import torch.distributed as dist
+
+    if not _distributed():
+        return
+    box = [scheduler.state_dict() if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    if dist.get_rank() != src:
+        scheduler.load_state_dict(box[0])
 
 
 def record_to_json(record: Mapping[str, Any]) -> str:

@@ -79,28 +79,65 @@ def batch_labels(batch: dict) -> torch.Tensor | None:
 
 
 class ArmPlan:
-    """Which modules each step distills, and which steps request FULL-model targets (OPTIMA).
+    """Which modules each step distills, which steps measure, and what each step's request asks
+    for (OPTIMA, methods.md section 7).
 
-    Requests go out ``prefetch_depth`` steps ahead, so the spec of step s is chosen when step s is
-    requested: the last ``measure`` steps of every round ask for all modules (the round's reward is
-    measured on the full model there), every other step only for the arm being played. With
-    ``measure >= prefetch_depth`` the first steps of a new round always hold a superset of their arm.
+    A round is ``delta`` steps; its last ``measure`` steps are measurement steps, whose full-model
+    losses (every module, whatever the arm) score the round. Requests leave ``depth`` steps ahead
+    (the prefetch depth), so step ``t``'s request is built when only steps ``< t - depth`` have
+    trained. The arm of a round is drawn after the round before it ends, which is too late for
+    the first ``depth`` steps of the round: those, and the measurement steps, ask for every
+    module's targets; every other step asks for exactly its arm's. The spec each step was
+    requested for is remembered, and :meth:`step_args` refuses to train a step on targets made for
+    another arm.
     """
 
-    def __init__(self, distiller, scheduler, dtype: str, delta: int, measure: int, start: int):
+    def __init__(self, distiller, scheduler, dtype: str, delta: int, measure: int, start: int, depth: int = 0):
         self.distiller, self.scheduler, self.dtype = distiller, scheduler, dtype
-        self.delta, self.measure, self.next_step = delta, measure, start
+        self.delta, self.measure, self.next_step, self.depth = delta, measure, start, depth
+        self.issued: dict[int, tuple[str, ...] | None] = {}  # step -> arm its request was made for (None: all)
 
     def is_measured(self, step: int) -> bool:
         return self.scheduler is not None and step % self.delta >= self.delta - self.measure
+
+    def needs_full(self, step: int) -> bool:
+        """Every module's targets: without OPTIMA, on measurement steps, and where the step's arm
+        is not yet drawn when its request leaves."""
+        return self.scheduler is None or self.is_measured(step) or step % self.delta < self.depth
 
     def arm(self) -> tuple[str, ...] | None:
         return None if self.scheduler is None else tuple(self.scheduler.current_arm())
 
     def spec_for_next(self):
         step, self.next_step = self.next_step, self.next_step + 1
-        arm = None if self.is_measured(step) else self.arm()
+        arm = None if self.needs_full(step) else self.arm()
+        self.issued[step] = arm
         return self.distiller.target_spec(self.dtype, arm)
+
+    def step_args(self, step: int) -> tuple[tuple[str, ...] | None, bool]:
+        """(arm, measure) that ``step`` trains with; raises if its targets were requested for another arm."""
+        arm = self.arm()
+        if step in self.issued:
+            made_for = self.issued.pop(step)
+            if made_for is not None and made_for != arm:
+                raise RuntimeError(f"step {step} trains arm {arm} but its targets were requested for arm {made_for}")
+        return arm, self.is_measured(step)
+
+    def end_step(self, step: int, terms: dict) -> dict | None:
+        """After a measurement step: the job-wide (rank-mean) full-model losses go to the bandit;
+        at a round's end rank 0's decision is broadcast. Returns the round record, if one closed."""
+        if not self.is_measured(step):
+            return None
+        from student_workers.optima import broadcast_state, reduce_losses
+
+        missing = [k for k in self.scheduler.loss_keys if k not in terms]
+        if missing:
+            raise ValueError(f"measurement step {step} lacks the full-model loss(es) {missing} (have {sorted(terms)})")
+        record = self.scheduler.step_end(reduce_losses({k: float(terms[k]) for k in self.scheduler.loss_keys},
+                                                       self.scheduler.loss_keys))
+        if record is not None:
+            broadcast_state(self.scheduler, src=0)
+        return record
 
 
 def teacher_client(cfg: JobConfig, address: str, experiment_id: str, **kwargs) -> SyncTeacherClient:
@@ -157,8 +194,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         distiller.load_state_dict(state["distiller"])
         opt.load_state_dict(state["optimizer"])
         if scheduler is not None:
-            scheduler.load_state_dict(state["optima"])
+            own = Path(d) / optima_file(rank)
+            scheduler.load_state_dict(torch.load(own, map_location="cpu", weights_only=False)
+                                      if own.is_file() else state["optima"])
         start = state["step"]
+    if scheduler is not None:
+        from student_workers.optima import broadcast_state
+
+        broadcast_state(scheduler, src=0)  # one bandit per job, whatever each rank restored
     model = ray.train.torch.prepare_model(distiller, parallel_strategy_kwargs=ddp_options(cfg))
     device = ray.train.torch.get_device()
 
@@ -172,14 +215,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     size = _image_size(info)
     source = batches(cfg, rank, world, epoch0=start)
     o = cfg.distill.optima
-    plan = ArmPlan(distiller, scheduler, cfg.teacher.target_dtype, o.delta,
-                   max(o.measure_steps, cfg.teacher.prefetch_depth), start)
+    plan = ArmPlan(distiller, scheduler, cfg.teacher.target_dtype, o.delta, o.measure_steps, start,
+                   depth=cfg.teacher.prefetch_depth)
     rounds_log = run_dir / "optima.jsonl"
     pre = Prefetcher(source, lambda b: (teacher_inputs(b, size), plan.spec_for_next()),
                      client if distiller.needs_teacher else NoTeacher(),
                      depth=cfg.teacher.prefetch_depth,
                      timeout=client.client.max_call_s() + 10, name=address)
-    t_log, wait_log, n_log, sums = time.perf_counter(), 0.0, 0, {}
+    t_log, wait_log, n_log, sums, counts = time.perf_counter(), 0.0, 0, {}, {}
     last_metrics: dict = {}
     try:
         for step in range(start, cfg.train.steps):
@@ -187,25 +230,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             inputs = {k: v.to(device) for k, v in student_inputs(batch).items()}
-            total, terms = model(inputs, targets, batch_labels(batch), plan.arm())
+            arm, measure = plan.step_args(step)
+            total, terms = model(inputs, targets, batch_labels(batch), arm, measure=measure)
             opt.zero_grad(set_to_none=True)
             total.backward()
             if cfg.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             opt.step()
-            if plan.is_measured(step):
-                record = scheduler.step_end({k: float(terms[k]) if k in terms else 0.0
-                                             for k in scheduler.loss_keys})
-                if record and rank == 0:
-                    log_round(rounds_log, record, done_step=step + 1)
+            record = plan.end_step(step, terms)
+            if record and rank == 0:
+                log_round(rounds_log, record, done_step=step + 1)
+                if record["reward"] is not None:
+                    writer.add_scalar("optima/reward", record["reward"], step + 1)
+                writer.add_scalar("optima/arm_index", record["arm_index"], step + 1)
             n_log += 1
+            # Every term is logged, averaged over the steps that computed it (per-module and
+            # full-model terms exist on some steps only under OPTIMA).
             for k, v in {"loss": total.detach(), **terms}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+                counts[k] = counts.get(k, 0) + 1
             done = step + 1
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 now = time.perf_counter()
                 waited = pre.total_wait_s - wait_log
-                metrics = {k: v / n_log for k, v in sums.items()}
+                metrics = {k: v / counts[k] for k, v in sums.items()}
                 metrics.update(step=done, lr=lr_at(step, cfg), resumed_from=start,
                                samples_per_s=n_log * cfg.data.batch_size * world / (now - t_log),
                                teacher_wait_s=waited)
@@ -217,11 +265,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         if k != "step":
                             writer.add_scalar(f"train/{k}", v, done)
                     writer.flush()
-                t_log, wait_log, n_log, sums = now, pre.total_wait_s, 0, {}
+                t_log, wait_log, n_log, sums, counts = now, pre.total_wait_s, 0, {}, {}
                 last_metrics = metrics
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
                 _report(ray.train, Checkpoint, distiller, opt, scheduler, done, info.fingerprint, rank,
                         {**last_metrics, "resumed_from": start})
+        if scheduler is not None:
+            write_optima_state(run_dir, rank, scheduler)
     finally:
         pre.close()
         client.close()
@@ -252,7 +302,7 @@ class NoTeacher:
 
 def make_scheduler(cfg: JobConfig, distiller):
     """The OPTIMA bandit over the distilled modules, or None. One round closes after its
-    ``measure`` measured steps (see ArmPlan), so the scheduler's own round length is that."""
+    ``measure_steps`` measured steps (see ArmPlan), so the scheduler's own round length is that."""
     o = cfg.distill.optima
     if not o.enabled:
         return None
@@ -262,9 +312,9 @@ def make_scheduler(cfg: JobConfig, distiller):
                                 ("attn", cfg.distill.attention_weight)) if w > 0)
     if not keys:
         raise ValueError("distill.optima needs at least one of logits_weight, feature_weight, attention_weight > 0")
-    measure = max(o.measure_steps, cfg.teacher.prefetch_depth)
+    measure = o.measure_steps
     if measure >= o.delta:
-        raise ValueError(f"distill.optima.delta ({o.delta}) must exceed measure_steps/prefetch_depth ({measure})")
+        raise ValueError(f"distill.optima.delta ({o.delta}) must exceed measure_steps ({measure})")
     return OptimaScheduler(distiller.modules_list, delta=measure, gamma=o.gamma, warmup_rounds=o.warmup_rounds,
                            seed=o.seed, loss_keys=keys, variance_scale=o.variance_scale)
 
@@ -280,15 +330,34 @@ def log_round(path: Path, record: dict, done_step: int) -> None:
         f"{rec['reward'] if rec['reward'] is None else round(rec['reward'], 4)}")
 
 
+def optima_file(rank: int) -> str:
+    """Each rank's copy of the bandit state inside a checkpoint (Ray Train merges the ranks' files)."""
+    return f"optima_rank{rank}.pt"
+
+
+def write_optima_state(run_dir: Path, rank: int, scheduler) -> None:
+    """``<run_dir>/optima_state_rank<r>.json``: this rank's bandit state at the end of training,
+    to check that the ranks ran one bandit."""
+    import json
+
+    path = Path(run_dir) / f"optima_state_rank{rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(scheduler.summary(), sort_keys=True))
+
+
 def _report(train, Checkpoint, distiller, opt, scheduler, step: int, fingerprint: str, rank: int,
             metrics: dict) -> None:
-    """Every rank reports (Ray Train syncs on it); rank 0 attaches the checkpoint."""
+    """Every rank reports (Ray Train syncs on it). Rank 0 writes the model and optimizer; every
+    rank writes its own bandit state (identical on all ranks), so each restores its own copy."""
     metrics = {**metrics, "step": step}
-    if rank != 0:
+    if rank != 0 and scheduler is None:
         train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        torch.save({"distiller": distiller.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "fingerprint": fingerprint, "optima": scheduler.state_dict() if scheduler else None},
-                   os.path.join(d, CKPT_FILE))
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), os.path.join(d, optima_file(rank)))
+        if rank == 0:
+            torch.save({"distiller": distiller.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                        "fingerprint": fingerprint, "optima": scheduler.state_dict() if scheduler else None},
+                       os.path.join(d, CKPT_FILE))
         train.report(metrics, checkpoint=Checkpoint.from_directory(d))

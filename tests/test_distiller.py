@@ -117,12 +117,12 @@ def _job(**distill):
 def _step(d, opt, plan, scheduler, teacher, info, step):
     inputs = batch(100 + step)
     tg = targets_for(teacher, info, plan.spec_for_next(), inputs)
-    total, terms = d(inputs, tg, arm=plan.arm())
+    arm, measure = plan.step_args(step)
+    total, terms = d(inputs, tg, arm=arm, measure=measure)
     opt.zero_grad()
     total.backward()
     opt.step()
-    if plan.is_measured(step):
-        scheduler.step_end({k: float(terms.get(k, 0.0)) for k in scheduler.loss_keys})
+    plan.end_step(step, terms)
     return total.item()
 
 

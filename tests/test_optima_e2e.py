@@ -1,5 +1,6 @@
 """OPTIMA end to end: tiny CoCa-style teacher on the real Ray Serve gRPC proxy, a smaller CoCa
-student on Ray Train over the emoji image-caption pairs; rounds logged, bandit state checkpointed."""
+student on Ray Train (2 workers) over the emoji image-caption pairs: rounds logged, one bandit per job
+across the ranks, its state checkpointed by every rank and resumed."""
 from __future__ import annotations
 
 import json
@@ -38,32 +39,63 @@ def coca_address(serve_teachers):
     serve.delete("coca")
 
 
-def test_optima_distillation_over_serve(tmp_path, coca_address):
-    import distill_job
-
-    cfg = build(JobConfig, {
-        "teacher": {"address": coca_address, "prefetch_depth": 2},
+def _job(tmp_path, address, steps: int):
+    return build(JobConfig, {
+        "teacher": {"address": address, "prefetch_depth": 2},
         "student": {"kind": "coca", "kwargs": STUDENT},
         "distill": {"task_weight": 1.0, "logits_weight": 1.0, "temperature": 1.0, "feature_weight": 1.0,
                     "attention_weight": 1.0, "attention_kind": "head_mean",
                     "optima": {"enabled": True, "delta": 5, "measure_steps": 2, "warmup_rounds": 1}},
         "data": {"dataset": "emoji", "kwargs": {"size": 32}, "batch_size": 8, "max_length": 12},
-        "train": {"steps": 45, "lr": 2e-3, "warmup_steps": 2, "num_workers": 2, "cpus_per_worker": 0.5,
-                  "log_every": 15, "checkpoint_every": 45},
+        "train": {"steps": steps, "lr": 2e-3, "warmup_steps": 2, "num_workers": 2, "cpus_per_worker": 0.5,
+                  "log_every": 15, "checkpoint_every": 25},
         "run": {"name": "optima", "storage_path": str(tmp_path / "runs")},
     })
+
+
+def _rank_states(run_dir: Path, checkpoint) -> list[dict]:
+    """Both ranks' bandit states: the JSON each wrote at its end, and its copy in the checkpoint."""
+    from student_workers.optima import OptimaScheduler
+
+    states = []
+    for r in (0, 1):
+        written = json.loads((run_dir / f"optima_state_rank{r}.json").read_text())
+        sched = OptimaScheduler(["image", "text", "multimodal"], delta=2)  # measure_steps: a round's measured steps
+        sched.load_state_dict(torch.load(Path(checkpoint.path) / f"optima_rank{r}.pt", weights_only=False))
+        assert sched.summary() == written
+        states.append(written)
+    return states
+
+
+def test_optima_two_workers_run_one_bandit_and_resume_it(tmp_path, coca_address):
+    import distill_job
+
+    # 25 steps = 5 rounds of delta 5, checkpointed at step 25; then the same run resumed to 45.
+    cfg = _job(tmp_path, coca_address, 25)
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
-    result = distill_job.fit(cfg, coca_address, run_dir)
-    assert result.error is None and result.metrics["step"] == 45
+    first = distill_job.fit(cfg, coca_address, run_dir)
+    assert first.error is None and first.metrics["step"] == 25
+    s0, s1 = _rank_states(run_dir, first.checkpoint)
+    assert s0 == s1  # one bandit per job: means, counts, arm history, RNG
+    assert len(s0["history"]) == 5 and sum(s0["counts"]) == 4 and s0["round_count"] == 0
+
+    second = distill_job.fit(_job(tmp_path, coca_address, 45), coca_address, run_dir)
+    assert second.error is None and second.metrics["step"] == 45 and second.metrics["resumed_from"] == 25
+    r0, r1 = _rank_states(run_dir, second.checkpoint)
+    assert r0 == r1
+    # resumed, not restarted: the first five rounds are the first run's, the bandit went on from them
+    assert r0["history"][:5] == s0["history"] and [h["round"] for h in r0["history"]] == list(range(9))
+    assert sum(r0["counts"]) == 8  # warm-up plays (7 arms) + one Thompson round
 
     rounds = [json.loads(l) for l in (run_dir / "optima.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == list(range(9))  # 45 steps / delta 5
+    assert [r["round"] for r in rounds] == list(range(9))  # 45 steps / delta 5, across both runs
     assert rounds[0]["reward"] is None  # the baseline round sets the reference losses
     arms = [tuple(r["arm"]) for r in rounds[1:8]]
     assert len(set(arms)) == 7  # warm-up: each of the 2^3 - 1 arms once
     assert all(0.0 <= r["reward"] <= 1.0 for r in rounds[1:])
+    assert [r["arm_index"] for r in rounds] == [h["arm_index"] for h in r0["history"]]
 
-    state = torch.load(Path(result.checkpoint.path) / "state.pt", weights_only=False)
+    state = torch.load(Path(second.checkpoint.path) / "state.pt", weights_only=False)
     optima = state["optima"]
-    assert int(optima["counts"].sum()) == 8  # warm-up plays + one Thompson round
+    assert int(optima["counts"].sum()) == 8
     assert "_extra_state" in optima and optima["_extra_state"]["history"]

@@ -46,8 +46,9 @@ class OptimaSection(Strict):
 
     enabled: bool = Field(False, description="Turn the module bandit on.")
     delta: int = Field(20, ge=2, description="Training steps per round (Delta).")
-    measure_steps: int = Field(4, ge=1, description="Last steps of a round whose full-model losses score it "
-                               "(all modules' targets are requested on those steps only).")
+    measure_steps: int = Field(4, ge=1, description="Last steps of a round whose full-model losses score it. "
+                               "All modules' targets are requested on those steps and on the first "
+                               "prefetch_depth steps of each round (requested before the arm is known).")
     gamma: float = Field(0.9, gt=0, lt=1, description="EMA factor of reward means (half-life ln0.5/ln gamma rounds).")
     warmup_rounds: int = Field(1, ge=0, description="Rounds each arm is played first, in random order.")
     seed: int = Field(0, description="Seed of the Thompson sampling.")

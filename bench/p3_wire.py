@@ -22,7 +22,7 @@ def cases(L: int):
         out.append(("data2vec", dict(hidden={"vision": []}, hidden_reduction="data2vec", dtype=dt)))
     for dt in ("float32", "float16"):
         out.append(("attention last, per head", dict(attention={"vision": [-1]}, dtype=dt)))
-        out.append((f"attention all, head_mean", dict(attention={"vision": every}, attention_reduction="head_mean", dtype=dt)))
+        out.append(("attention all, head_mean", dict(attention={"vision": every}, attention_reduction="head_mean", dtype=dt)))
     out.append(("logits", dict(logits=True)))
     out.append(("logits top-10", dict(logits=True, logits_top_k=10)))
     return out

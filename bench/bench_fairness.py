@@ -31,7 +31,7 @@ def _serve(scheduler: str, max_batch: int, ports: mp.Queue, stop: mp.Event) -> N
     import torch
 
     torch.set_num_threads(1)
-    from teacher_server.config import TeacherConfig
+    from kdserve.teacher_config import TeacherConfig
     from teacher_server.engine import TeacherEngine
     from teacher_server.grpc_server import run_server
 

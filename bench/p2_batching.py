@@ -32,7 +32,7 @@ def spec():
 
 def in_process(seconds: float) -> dict:
     """samples/s of engine.run on one batch of 32 (decode of the request included: none needed)."""
-    from teacher_server.config import TeacherConfig
+    from kdserve.teacher_config import TeacherConfig
     from teacher_server.engine import TeacherEngine, Work
     from teacher_server.spec import TargetSpec
 

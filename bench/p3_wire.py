@@ -50,7 +50,7 @@ def run(quick: bool, log) -> Figure:
 
     from kdserve.v1 import teacher_pb2_grpc as pb_grpc
     from kdserve.wire import CHANNEL_OPTIONS, build_request, target_spec
-    from teacher_server.config import TeacherConfig
+    from kdserve.teacher_config import TeacherConfig
     from teacher_server.engine import TeacherEngine
     from teacher_server.grpc_server import run_server
 

@@ -154,7 +154,7 @@ def main(argv=None) -> int:
         plots.append(f"{stem}-P1.png")
     if {"P2", "P4"} & only:
         from bench import p2_batching, p4_overhead
-        from teacher_server.config import TeacherConfig
+        from kdserve.teacher_config import TeacherConfig
 
         p2_cfg = TeacherConfig(model=p2_batching.MODEL, device="cpu", num_cpus=0.5, max_batch_requests=8,
                                batch_wait_timeout_s=0.002)

@@ -67,6 +67,13 @@ def encode(t: torch.Tensor, scales: torch.Tensor | None = None) -> pb.Tensor:
     return msg
 
 
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a wire dtype name (bfloat16: 2, int8: 1)."""
+    if dtype not in _NUMPY:
+        raise CodecError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    return _NUMPY[dtype].itemsize
+
+
 def nbytes(msg: pb.Tensor) -> int:
     return len(msg.data) + len(msg.scales)
 

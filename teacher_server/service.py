@@ -133,15 +133,16 @@ class TeacherService:
         seq = int(ids.shape[1]) if ids is not None and ids.dim() > 1 else 0
         return limits.estimate_reply_bytes(self.describe(), batch_size(inputs), seq, spec)
 
-    def _encode(self, outputs: dict, dtype: str, sl: slice | None = None) -> dict[str, pb.Tensor]:
-        enc = {}
+    def _encode_into(self, reply: pb.TargetsReply, outputs: dict, sl: slice | None = None) -> pb.TargetsReply:
+        """Encode straight into ``reply.outputs``: a Tensor built apart and handed to the reply's
+        constructor would be copied once more (upb copies sub-messages)."""
         for name, v in outputs.items():
             if isinstance(v, Quantized):
                 q, s = (v.q, v.scales) if sl is None else (v.q[sl], v.scales[sl])
-                enc[name] = codec.encode(q, s)
+                codec.encode_into(reply.outputs[name], q, s)
             else:
-                enc[name] = codec.encode(v if sl is None else v[sl])
-        return enc
+                codec.encode_into(reply.outputs[name], v if sl is None else v[sl])
+        return reply
 
     def _timings(self, stats: BatchStats, queue_ms: float) -> pb.Timings:
         return pb.Timings(
@@ -152,14 +153,14 @@ class TeacherService:
         )
 
     def reply(self, request: pb.TargetsRequest, work: Work, outputs: dict, stats: BatchStats, queue_ms: float) -> pb.TargetsReply:
-        return pb.TargetsReply(
-            outputs=self._encode(outputs, work.spec.dtype),
+        reply = pb.TargetsReply(
             fingerprint=self.engine.fingerprint,
             timings=self._timings(stats, queue_ms),
             sample_keys=list(request.sample_keys),
             sample_offset=0,
             num_chunks=1,
         )
+        return self._encode_into(reply, outputs)
 
     def chunks(
         self, request: pb.TargetsRequest, work: Work, outputs: dict, stats: BatchStats, queue_ms: float
@@ -172,14 +173,14 @@ class TeacherService:
         keys = list(request.sample_keys)
         for start in starts:
             sl = slice(start, min(b, start + step))
-            yield pb.TargetsReply(
-                outputs=self._encode(outputs, work.spec.dtype, sl),
+            chunk = pb.TargetsReply(
                 fingerprint=self.engine.fingerprint,
                 timings=self._timings(stats, queue_ms),
                 sample_keys=keys[sl],
                 sample_offset=start,
                 num_chunks=len(starts),
             )
+            yield self._encode_into(chunk, outputs, sl)
 
 
 def _nbytes(v) -> int:

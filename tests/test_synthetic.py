@@ -11,7 +11,7 @@ import torch
 from kdserve import wire
 from student_workers.client import SyncTeacherClient
 from teacher_server.adapters.synthetic import parse_synthetic
-from teacher_server.config import TeacherConfig
+from kdserve.teacher_config import TeacherConfig
 from teacher_server.engine import TeacherEngine, Work
 from teacher_server.grpc_server import run_server
 from teacher_server.spec import TargetSpec

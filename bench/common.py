@@ -113,24 +113,33 @@ async def closed_loop(calls: list[Callable[[], Awaitable[int]]], seconds: float)
             "mb_s": sum(n for _, n in per) / elapsed / 1e6, "p50_ms": statistics.median(lat) * 1e3}
 
 
-async def teacher_window(address: str, request, clients: int, seconds: float, decode: bool = True) -> dict:
+async def teacher_window(address: str, request, clients: int, seconds: float, decode: bool = True,
+                         depth: int = 1) -> dict:
     """Closed-loop GetTargets through the client's transport (one TCP connection per client),
-    decoding every reply as ``TeacherClient`` does. MB/s counts the whole reply message."""
+    decoding every reply as ``TeacherClient`` does. MB/s counts the whole reply message.
+    ``depth``: requests each client keeps in flight on its connection (a Prefetcher's depth).
+
+    The reply's size is taken once (replies to one request differ only in a few varint bytes of
+    timings): with upb, ``ByteSize()`` serialises the message, a cost the echo does not pay."""
     from kdserve import codec
     from student_workers.client import make_transport
 
     transports = [make_transport(address) for _ in range(clients)]
 
     def make(t):
+        size: list[int] = []
+
         async def call() -> int:
             reply = await t.get_targets(request, 300.0)
             if decode:
                 codec.decode_map(reply.outputs)
-            return reply.ByteSize()
+            if not size:
+                size.append(reply.ByteSize())
+            return size[0]
         return call
 
     try:
-        return await closed_loop([make(t) for t in transports], seconds)
+        return await closed_loop([make(t) for t in transports for _ in range(depth)], seconds)
     finally:
         await asyncio.gather(*(t.close() for t in transports))
 

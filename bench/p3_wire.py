@@ -54,7 +54,7 @@ def run(quick: bool, log) -> Figure:
     from teacher_server.engine import TeacherEngine
     from teacher_server.grpc_server import run_server
 
-    L, T, D, H, C, b = 12, 197, 768, 12, 1000, 8
+    L, T, D, H, C, b = 12, 197, 768, 12, 1000, 32  # the batch students send
     model = f"synthetic:layers={L},tokens={T},dim={D},heads={H},classes={C},latency_ms=0"
     engine = TeacherEngine.from_config(TeacherConfig(model=model, device="cpu"))
     x = {"pixel_values": torch.rand(b, 3, 224, 224)}

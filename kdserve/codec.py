@@ -1,8 +1,13 @@
 """Tensor <-> ``kdserve.v1.Tensor`` (raw little-endian row-major bytes, KServe v2 style).
 
-Encoding costs one copy into the message's bytes. Decoding wraps the received bytes with
-``numpy.frombuffer`` (zero copy); the only copy is the optional dequantisation of int8, or the
-move to a device. Decoded tensors share memory with the message: treat them as read-only.
+Copies are what a big reply costs (P4 in ``python -m bench``), so they are counted here. With
+the upb protobuf runtime a ``bytes`` field is copied on every assignment AND on every read
+(``msg.data`` builds a new ``bytes``), and nested messages are copied when passed to a parent's
+constructor. So: ``encode_into`` fills a message already inside the reply (tensor -> bytes, bytes
+-> field: two copies, both unavoidable with upb); ``to_numpy`` reads ``data`` once and wraps it
+with ``numpy.frombuffer`` (no further copy); ``nbytes`` derives the size from the shape instead
+of reading ``data``. The only other copy on decode is the optional dequantisation of int8, or the
+move to a device. Decoded tensors share memory with the read bytes: treat them as read-only.
 """
 from __future__ import annotations
 
@@ -54,6 +59,14 @@ def dtype_name(t: torch.dtype) -> str:
 
 def encode(t: torch.Tensor, scales: torch.Tensor | None = None) -> pb.Tensor:
     """torch tensor -> Tensor message. ``scales``: per-row float32 scales of a quantised int8."""
+    return encode_into(pb.Tensor(), t, scales)
+
+
+def encode_into(msg: pb.Tensor, t: torch.Tensor, scales: torch.Tensor | None = None) -> pb.Tensor:
+    """Fill ``msg`` (e.g. ``reply.outputs[name]``, created in place) from ``t``; returns ``msg``.
+
+    Writing into the parent's field avoids the copy ``Reply(outputs={name: encode(t)})`` makes.
+    """
     t = t.detach()
     name = dtype_name(t.dtype)
     if t.device.type != "cpu":
@@ -61,14 +74,31 @@ def encode(t: torch.Tensor, scales: torch.Tensor | None = None) -> pb.Tensor:
     t = t.contiguous()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.uint16) if hasattr(torch, "uint16") else t.view(torch.int16)
-    msg = pb.Tensor(dtype=name, shape=list(t.shape), data=t.numpy().tobytes())
+    msg.dtype = name
+    msg.shape[:] = list(t.shape)
+    msg.data = t.numpy().tobytes()
     if scales is not None:
         msg.scales = scales.detach().float().cpu().contiguous().numpy().tobytes()
     return msg
 
 
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a wire dtype name (bfloat16: 2, int8: 1)."""
+    if dtype not in _NUMPY:
+        raise CodecError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    return _NUMPY[dtype].itemsize
+
+
 def nbytes(msg: pb.Tensor) -> int:
-    return len(msg.data) + len(msg.scales)
+    """Payload bytes (data + scales) from the shape and dtype: reading ``msg.data`` would copy it.
+
+    Equals ``len(msg.data) + len(msg.scales)`` for every message ``to_numpy`` accepts; for one with
+    an unknown dtype it falls back to reading the field.
+    """
+    dt = _NUMPY.get(msg.dtype)
+    if dt is None:
+        return len(msg.data) + len(msg.scales)
+    return int(np.prod(msg.shape, dtype=np.int64)) * dt.itemsize + len(msg.scales)
 
 
 def to_numpy(msg: pb.Tensor) -> np.ndarray:
@@ -80,11 +110,12 @@ def to_numpy(msg: pb.Tensor) -> np.ndarray:
     if any(d < 0 for d in shape):
         raise CodecError(f"negative dimension in shape {list(shape)}")
     expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-    if len(msg.data) != expected:
+    data = msg.data  # one read: each read of a bytes field is a copy
+    if len(data) != expected:
         raise CodecError(
-            f"shape {list(shape)} of {msg.dtype} needs {expected} bytes, got {len(msg.data)}"
+            f"shape {list(shape)} of {msg.dtype} needs {expected} bytes, got {len(data)}"
         )
-    return np.frombuffer(msg.data, dtype=dt).reshape(shape)
+    return np.frombuffer(data, dtype=dt).reshape(shape)
 
 
 def decode(msg: pb.Tensor, dequantize: bool = True) -> torch.Tensor:

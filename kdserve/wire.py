@@ -58,6 +58,23 @@ def build_request(
     )
 
 
+def batch_size(inputs: Mapping[str, "torch.Tensor | pb.Tensor"]) -> int:
+    """Samples in a request's inputs (dim 0 of the first one; validation checks they agree)."""
+    for t in inputs.values():
+        return int(t.shape[0]) if len(t.shape) else 0
+    return 0
+
+
+def reply_bytes(reply: pb.TargetsReply) -> int:
+    """Tensor payload of a reply or chunk (data + int8 scales), what ``limits.estimate_reply_bytes`` predicts."""
+    return sum(codec.nbytes(t) for t in reply.outputs.values())
+
+
+def reply_samples(reply: pb.TargetsReply) -> int:
+    """Samples in a reply or chunk (dim 0 of its outputs)."""
+    return batch_size(reply.outputs)
+
+
 def merge_chunks(chunks: Iterable[pb.TargetsReply], dequantize: bool = True) -> dict[str, torch.Tensor]:
     """StreamTargets chunks -> the outputs GetTargets would have returned."""
     parts: dict[str, list[torch.Tensor]] = {}

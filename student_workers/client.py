@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import grpc
 import torch
 
-from kdserve import auth, codec, registry, tls, wire
+from kdserve import auth, codec, limits, registry, tls, wire
 from kdserve.v1 import teacher_pb2 as pb
 from kdserve.v1 import teacher_pb2_grpc as pb_grpc
 
@@ -45,7 +45,6 @@ log = logging.getLogger("kdserve.client")
 
 # Codes worth another attempt: the teacher may come back (restart, rolling update, overload).
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 # grpc shares subchannels between channels of a process by default: a "new" channel would inherit
 # the failed subchannel and its reconnect backoff (1 s, growing), so reconnecting after UNAVAILABLE
 # would not dial again. A per-channel pool makes a fresh channel really connect afresh.
@@ -317,47 +316,12 @@ class ClientStats:
                 f"({per * 1e3:.1f} ms/req), {self.retries} retries")
 
 
-def _reply_bytes(reply: pb.TargetsReply) -> int:
-    return sum(codec.nbytes(t) for t in reply.outputs.values())
-
-
-def _n_layers(sel: pb.LayerSelection, num_layers: int, all_if_empty: bool) -> int:
-    if not sel.layers:
-        return num_layers if all_if_empty else 0
-    return len({l + num_layers + 1 if l < 0 else l for l in sel.layers})
-
-
 def estimate_reply_bytes(info: pb.TeacherInfo, inputs: Mapping[str, torch.Tensor], spec: pb.TargetSpec) -> int:
-    """Bytes of the targets ``spec`` asks for, from Describe alone (mirrors the server's estimate).
-
-    Used to pick StreamTargets before a unary reply would exceed ``max_reply_bytes``.
-    """
-    b = int(next(iter(inputs.values())).shape[0])
-    seq = int(inputs["input_ids"].shape[1]) if "input_ids" in inputs else 0
-    mods = {m.name: m for m in info.modules}
-    default = info.modules[0].name if info.modules else ""
-    dtype = spec.dtype or "float32"
-    item, row_extra = _ITEMSIZE.get(dtype, 4), (4 if dtype == "int8" else 0)
-    total = 0
-    for sel in spec.hidden:
-        m = mods.get(sel.module or default)
-        if m is None:
-            continue  # the server will refuse it with a clear INVALID_ARGUMENT
-        t = m.num_tokens if m.num_tokens > 0 else seq
-        d2v = spec.hidden_reduction == "data2vec"
-        n = 1 if d2v else _n_layers(sel, m.num_layers, False)
-        total += n * b * t * (m.hidden_size * item + row_extra)
-    for sel in spec.attention:
-        m = mods.get(sel.module or default)
-        if m is None:
-            continue
-        t = m.num_tokens if m.num_tokens > 0 else seq
-        h = 1 if spec.attention_reduction == "head_mean" else m.num_heads
-        total += _n_layers(sel, m.num_layers, False) * b * h * t * (t * item + row_extra)
-    if spec.logits:
-        k = spec.logits_top_k or info.num_classes
-        total += b * (k * item + row_extra) + (b * k * 8 if spec.logits_top_k else 0)
-    return total
+    """Bytes of the targets ``spec`` asks for, from Describe alone (the teacher's own formula,
+    kdserve.limits). Used to pick StreamTargets before a unary reply would exceed ``max_reply_bytes``."""
+    ids = inputs.get("input_ids")
+    seq = int(ids.shape[1]) if ids is not None and ids.dim() > 1 else 0
+    return limits.estimate_reply_bytes(info, wire.batch_size(inputs), seq, spec)
 
 
 class TeacherClient:
@@ -544,8 +508,8 @@ class TeacherClient:
         st = self.stats
         st.requests += 1
         st.chunks += len(chunks)
-        st.bytes_received += sum(_reply_bytes(c) for c in chunks)
-        st.samples += int(next(iter(request.inputs.values())).shape[0]) if request.inputs else 0
+        st.bytes_received += sum(wire.reply_bytes(c) for c in chunks)
+        st.samples += wire.batch_size(request.inputs)
         st.teacher_queue_ms += chunks[0].timings.queue_ms
         st.teacher_compute_ms += chunks[0].timings.compute_ms
         return out

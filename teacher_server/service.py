@@ -14,16 +14,15 @@ from typing import Iterator
 import grpc
 import torch
 
-from kdserve import codec
+from kdserve import codec, limits
 from kdserve.v1 import teacher_pb2 as pb
+from kdserve.wire import batch_size, reply_bytes, reply_samples
 from kdserve.teacher_config import TeacherConfig
 from teacher_server.engine import BatchStats, Quantized, TeacherEngine, Work
-from teacher_server.spec import SpecError, TargetSpec, TooLarge, bounded, resolve_spec, shown, validate_inputs
+from teacher_server.spec import SpecError, TooLarge, bounded, resolve_spec, shown, validate_inputs
 
 log = logging.getLogger("kdserve.teacher")
 MAX_EXPERIMENT_CHARS = 128
-
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -77,8 +76,15 @@ class TeacherService:
     def __init__(self, engine: TeacherEngine, cfg: TeacherConfig | None = None):
         self.engine = engine
         self.cfg = cfg or engine.cfg
+        self._info: pb.TeacherInfo | None = None
 
     def describe(self) -> pb.TeacherInfo:
+        """The Describe answer (built once: the engine and its config do not change)."""
+        if self._info is None:
+            self._info = self._build_info()
+        return self._info
+
+    def _build_info(self) -> pb.TeacherInfo:
         e = self.engine
         return pb.TeacherInfo(
             model_name=e.model_name,
@@ -111,7 +117,7 @@ class TeacherService:
         inputs = {k: codec.decode(v) for k, v in request.inputs.items()}
         check_finite(inputs)
         if not stream:
-            est = self.estimate_reply_bytes(spec, inputs)
+            est = self.estimate_reply_bytes(request.spec, inputs)
             if est > self.cfg.max_reply_bytes:
                 raise TooLarge(
                     f"reply would be {_mb(est)}, over max_reply_bytes ({_mb(self.cfg.max_reply_bytes)}): "
@@ -121,38 +127,22 @@ class TeacherService:
         self.engine.check(work)
         return work
 
-    def estimate_reply_bytes(self, spec: TargetSpec, inputs: dict[str, torch.Tensor]) -> int:
-        """Exact size of the outputs' data, known before any compute."""
-        b = next(iter(inputs.values())).shape[0]
-        mods = {m.name: m for m in self.engine.modules}
-        seq = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
-        item = _ITEMSIZE[spec.dtype]
-        row_extra = 4 if spec.dtype == "int8" else 0  # one float32 scale per row
-        total = 0
-        for module, layers in spec.hidden:
-            m = mods[module]
-            t = m.num_tokens if m.num_tokens > 0 else seq
-            n = 1 if spec.hidden_reduction == "data2vec" else len(layers)
-            total += n * b * t * (m.hidden_size * item + row_extra)
-        for module, layers in spec.attention:
-            m = mods[module]
-            t = m.num_tokens if m.num_tokens > 0 else seq
-            h = 1 if spec.attention_reduction == "head_mean" else m.num_heads
-            total += len(layers) * b * h * t * (t * item + row_extra)
-        if spec.logits:
-            k = spec.logits_top_k or self.engine.num_classes
-            total += b * (k * item + row_extra) + (b * k * 8 if spec.logits_top_k else 0)
-        return total
+    def estimate_reply_bytes(self, spec: pb.TargetSpec, inputs: dict[str, torch.Tensor]) -> int:
+        """Exact size of the outputs' data, known before any compute (kdserve.limits: the client's formula)."""
+        ids = inputs.get("input_ids")
+        seq = int(ids.shape[1]) if ids is not None and ids.dim() > 1 else 0
+        return limits.estimate_reply_bytes(self.describe(), batch_size(inputs), seq, spec)
 
-    def _encode(self, outputs: dict, dtype: str, sl: slice | None = None) -> dict[str, pb.Tensor]:
-        enc = {}
+    def _encode_into(self, reply: pb.TargetsReply, outputs: dict, sl: slice | None = None) -> pb.TargetsReply:
+        """Encode straight into ``reply.outputs``: a Tensor built apart and handed to the reply's
+        constructor would be copied once more (upb copies sub-messages)."""
         for name, v in outputs.items():
             if isinstance(v, Quantized):
                 q, s = (v.q, v.scales) if sl is None else (v.q[sl], v.scales[sl])
-                enc[name] = codec.encode(q, s)
+                codec.encode_into(reply.outputs[name], q, s)
             else:
-                enc[name] = codec.encode(v if sl is None else v[sl])
-        return enc
+                codec.encode_into(reply.outputs[name], v if sl is None else v[sl])
+        return reply
 
     def _timings(self, stats: BatchStats, queue_ms: float) -> pb.Timings:
         return pb.Timings(
@@ -163,34 +153,34 @@ class TeacherService:
         )
 
     def reply(self, request: pb.TargetsRequest, work: Work, outputs: dict, stats: BatchStats, queue_ms: float) -> pb.TargetsReply:
-        return pb.TargetsReply(
-            outputs=self._encode(outputs, work.spec.dtype),
+        reply = pb.TargetsReply(
             fingerprint=self.engine.fingerprint,
             timings=self._timings(stats, queue_ms),
             sample_keys=list(request.sample_keys),
             sample_offset=0,
             num_chunks=1,
         )
+        return self._encode_into(reply, outputs)
 
     def chunks(
         self, request: pb.TargetsRequest, work: Work, outputs: dict, stats: BatchStats, queue_ms: float
     ) -> Iterator[pb.TargetsReply]:
         """Split along the batch into chunks of about ``stream_chunk_bytes`` (at least one sample)."""
-        b = next(iter(work.inputs.values())).shape[0]
+        b = batch_size(work.inputs)
         per_sample = max(1, sum(_nbytes(v) for v in outputs.values()) // b)
         step = max(1, self.cfg.stream_chunk_bytes // per_sample)
         starts = list(range(0, b, step))
         keys = list(request.sample_keys)
         for start in starts:
             sl = slice(start, min(b, start + step))
-            yield pb.TargetsReply(
-                outputs=self._encode(outputs, work.spec.dtype, sl),
+            chunk = pb.TargetsReply(
                 fingerprint=self.engine.fingerprint,
                 timings=self._timings(stats, queue_ms),
                 sample_keys=keys[sl],
                 sample_offset=start,
                 num_chunks=len(starts),
             )
+            yield self._encode_into(chunk, outputs, sl)
 
 
 def _nbytes(v) -> int:
@@ -199,12 +189,4 @@ def _nbytes(v) -> int:
     return v.numel() * v.element_size()
 
 
-def reply_bytes(reply: pb.TargetsReply) -> int:
-    return sum(codec.nbytes(t) for t in reply.outputs.values())
-
-
-def reply_samples(reply: pb.TargetsReply) -> int:
-    """Samples in a reply or chunk (dim 0 of its outputs)."""
-    for t in reply.outputs.values():
-        return int(t.shape[0]) if t.shape else 0
-    return 0
+__all__ = ["TeacherService", "batch_size", "reply_bytes", "reply_samples", "status_of"]  # re-exported for the frontends

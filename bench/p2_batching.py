@@ -41,9 +41,6 @@ def spec():
 
 def in_process(seconds: float) -> dict:
     """samples/s of engine.run on one batch of 32 (decode of the request included: none needed)."""
-    from kdserve.teacher_config import TeacherConfig
-    from teacher_server.engine import TeacherEngine, Work
-    from teacher_server.spec import TargetSpec
 
     # one torch thread, like the child teacher (OMP_NUM_THREADS=1): two threads on a shared 2-core
     # machine made this baseline's forward ~2x slower than the server's

@@ -6,6 +6,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from kdserve import wire
 from student_workers.distiller import Distiller, module_views
 from student_workers.losses import masked_mean_pool
 
@@ -40,7 +41,7 @@ def agreement(distiller: Distiller, client, batches, spec, max_batches: int) -> 
         if labels is not None and out.logits is not None:
             acc += (out.logits.argmax(-1) == labels).float().sum().item()
             labelled = True
-        n += next(iter(inputs.values())).shape[0]
+        n += wire.batch_size(inputs)
     distiller.train()
     result = {"samples": n, "cosine": cos / max(n, 1)}
     if distiller.cfg.logits_weight > 0:

@@ -42,14 +42,10 @@ def work_bytes(w: Work) -> int:
     return sum(t.numel() * t.element_size() for t in w.inputs.values())
 
 
-def _samples(w: Work) -> int:
-    return next(iter(w.inputs.values())).shape[0]
-
-
 def work_cost(w: Work) -> int:
     """What serving ``w`` is charged: samples x tokens (tokens = 1 for fixed-size inputs)."""
     ids = w.inputs.get("input_ids")
-    return _samples(w) * (int(ids.shape[1]) if ids is not None and ids.dim() > 1 else 1)
+    return w.samples * (int(ids.shape[1]) if ids is not None and ids.dim() > 1 else 1)
 
 
 class Coalescer:
@@ -145,10 +141,10 @@ class Coalescer:
                 key = self.cache.key(w)
                 hit = self.cache.get(key)
                 if hit is not None:  # no forward: the stats say so
-                    f.set_result((hit, BatchStats(1, _samples(w), 0.0, forwards=0), 0.0))
+                    f.set_result((hit, BatchStats(1, w.samples, 0.0, forwards=0), 0.0))
                     continue
                 self._keys[id(f)] = key
-            self.queue.enqueue(w.experiment, (w, f), work_cost(w), _samples(w))
+            self.queue.enqueue(w.experiment, (w, f), work_cost(w), w.samples)
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
         return list(await asyncio.gather(*futures))
@@ -159,7 +155,7 @@ class Coalescer:
         take = self.queue.next_batch(self.max_samples)
         if self._metrics is not None:
             for w, _ in take:
-                self._metrics.served(w.experiment, _samples(w))
+                self._metrics.served(w.experiment, w.samples)
             self._metrics.queued(self.queue.queue_lengths())
         return take
 

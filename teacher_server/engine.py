@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kdserve import registry
+from kdserve import registry, wire
 from kdserve.targets import data2vec_target, head_mean, quantize_int8
 from teacher_server import adapters  # noqa: F401  (registers the teacher kinds)
 from teacher_server.adapters.base import TeacherAdapter
@@ -43,6 +43,10 @@ class Work:
     spec: TargetSpec
     enqueued: float = field(default_factory=time.perf_counter)
     experiment: str = ""  # who asked: the fair scheduler's queue and the metrics' label
+
+    @property
+    def samples(self) -> int:
+        return wire.batch_size(self.inputs)
 
 
 @dataclass
@@ -150,11 +154,11 @@ class TeacherEngine:
                 outs, (r, s) = self._run_group(group)
                 for i, o in zip(idxs, outs):
                     results[i] = o
-                sizes.append(sum(_batch_size(w) for w in group))
+                sizes.append(sum(w.samples for w in group))
                 real, slots = real + r, slots + s
         stats = BatchStats(
             requests=len(batch),
-            samples=sum(_batch_size(w) for w in batch),
+            samples=sum(w.samples for w in batch),
             compute_ms=(time.perf_counter() - t0) * 1e3,
             forwards=len(sizes),
             forward_samples=tuple(sizes),
@@ -189,7 +193,7 @@ class TeacherEngine:
             cap = self.adapter.forward(inputs, hidden, attention, want_logits)
         out, start = [], 0
         for w, T in zip(group, lengths):
-            n = _batch_size(w)
+            n = w.samples
             sl = slice(start, start + n)
             own = {k: v.to(self.device) for k, v in w.inputs.items()}  # the request's own mask, unpadded
             masks = {m.name: self.adapter.token_mask(own, m.name) for m in self.modules}
@@ -200,12 +204,8 @@ class TeacherEngine:
         if lengths[0] is None:
             return out, (0, 0)
         T_max = max(lengths)
-        real = sum(_batch_size(w) * T for w, T in zip(group, lengths))
-        return out, (real, sum(_batch_size(w) for w in group) * T_max)
-
-
-def _batch_size(w: Work) -> int:
-    return next(iter(w.inputs.values())).shape[0]
+        real = sum(w.samples * T for w, T in zip(group, lengths))
+        return out, (real, sum(w.samples for w in group) * T_max)
 
 
 # Right-padding value per paddable input: pad token 0, mask 0 (ignored), segment 0.
@@ -244,7 +244,7 @@ def _collate(group: list[Work], paddable: frozenset[str]) -> tuple[dict[str, tor
         for w, t_i in zip(group, lengths):
             t = w.inputs.get(n)
             if t is None:
-                t = torch.full((_batch_size(w), t_i), _DEFAULT_FILL[n], dtype=torch.int64)
+                t = torch.full((w.samples, t_i), _DEFAULT_FILL[n], dtype=torch.int64)
             parts.append(torch.nn.functional.pad(t, (0, T - t_i), value=_PAD_VALUE[n]))  # (b, T)
         inputs[n] = torch.cat(parts)  # (B, T)
     return inputs, lengths

@@ -25,11 +25,12 @@ import grpc
 
 from kdserve import auth, wire
 from kdserve.v1 import teacher_pb2_grpc as pb_grpc
+from kdserve.wire import reply_bytes, reply_samples
 from teacher_server.coalesce import Coalescer
 from teacher_server.engine import TeacherEngine
 from teacher_server.health import HealthReporter
 from teacher_server.metrics import get_metrics
-from teacher_server.service import TeacherService, reply_bytes, reply_samples, status_of
+from teacher_server.service import TeacherService, status_of
 
 SERVER_OPTIONS = wire.CHANNEL_OPTIONS  # the protocol's message limit, both directions
 

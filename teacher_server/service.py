@@ -15,11 +15,18 @@ import grpc
 import torch
 
 from kdserve import codec, limits
-from kdserve.v1 import teacher_pb2 as pb
-from kdserve.wire import batch_size, reply_bytes, reply_samples
 from kdserve.teacher_config import TeacherConfig
+from kdserve.v1 import teacher_pb2 as pb
+from kdserve.wire import batch_size
 from teacher_server.engine import BatchStats, Quantized, TeacherEngine, Work
-from teacher_server.spec import SpecError, TooLarge, bounded, resolve_spec, shown, validate_inputs
+from teacher_server.spec import (
+    SpecError,
+    TooLarge,
+    bounded,
+    resolve_spec,
+    shown,
+    validate_inputs,
+)
 
 log = logging.getLogger("kdserve.teacher")
 MAX_EXPERIMENT_CHARS = 128
@@ -189,4 +196,4 @@ def _nbytes(v) -> int:
     return v.numel() * v.element_size()
 
 
-__all__ = ["TeacherService", "batch_size", "reply_bytes", "reply_samples", "status_of"]  # re-exported for the frontends
+__all__ = ["TeacherService", "status_of"]

@@ -8,12 +8,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kdserve.codec import FLOAT_DTYPES
+from kdserve.codec import FLOAT_DTYPES, itemsize
 from kdserve.v1 import teacher_pb2 as pb
 
 HIDDEN_REDUCTIONS = ("none", "data2vec")
 ATTENTION_REDUCTIONS = ("none", "head_mean")
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
 MAX_DIM = 2**31 - 1  # no tensor the teacher takes has a longer axis
 SHOWN_CHARS = 64  # client-supplied text quoted in a message, per piece
 MESSAGE_CHARS = 400  # a whole status message
@@ -206,7 +205,7 @@ def validate_inputs(inputs, infos: list[InputInfo], max_batch_size: int) -> int:
                 )
             if not 1 <= got <= MAX_DIM:
                 raise SpecError(f"{where}: dim {d} is {got}; every dim must lie in [1, {MAX_DIM}]")
-        need = math.prod(shape) * _ITEMSIZE[info.dtype]  # Python ints: exact for any shape
+        need = math.prod(shape) * itemsize(info.dtype)  # Python ints: exact for any shape
         if len(t.data) != need:
             raise SpecError(f"{where}: shape {_dims(shape)} of {info.dtype} needs {need} bytes, got {len(t.data)}")
         if t.scales:

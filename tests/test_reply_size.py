@@ -7,7 +7,7 @@ import torch
 from kdserve import codec, limits, wire
 from kdserve.teacher_config import TeacherConfig
 from kdserve.wire import build_request, target_spec
-from teacher_server.engine import BatchStats, TeacherEngine
+from teacher_server.engine import TeacherEngine
 from teacher_server.service import TeacherService
 from tests.conftest import tiny_vit_config
 

@@ -22,7 +22,7 @@ from kdserve import wire
 from kdserve.v1 import teacher_pb2 as pb
 from student_workers.job_config import DistillSection
 from kdserve import registry
-from student_workers.losses import Projection, TeacherQueue, data2vec_loss, feature_loss, token_nce
+from student_workers.losses import Projection, TeacherQueue, data2vec_loss, feature_loss, masked_mean_pool, token_nce
 from student_workers.losses.layer_map import layer_map
 
 
@@ -66,6 +66,7 @@ class Distiller(nn.Module):
         self.nce_proj = nn.ModuleDict()
         self.queues = nn.ModuleDict()
         self.d2v_proj = nn.ModuleDict()
+        self.emb_proj = nn.ModuleDict()
         for m in self.modules_:
             l_s, d_s, h_s = self.student_modules[m]
             t = self.teacher_info[m]
@@ -87,9 +88,11 @@ class Distiller(nn.Module):
                 self.queues[m] = TeacherQueue(t.hidden_size, cfg.nce_queue_size)
             if cfg.data2vec_weight > 0:
                 self.d2v_proj[m] = Projection(d_s, t.hidden_size)
-        if cfg.data2vec_weight > 0 and (cfg.feature_weight > 0 or cfg.nce_weight > 0):
+            if cfg.embedding_weight > 0:
+                self.emb_proj[m] = Projection(d_s, t.hidden_size)
+        if cfg.data2vec_weight > 0 and (cfg.feature_weight > 0 or cfg.nce_weight > 0 or cfg.embedding_weight > 0):
             raise ValueError(
-                "distill: data2vec_weight > 0 together with feature_weight or nce_weight; one request carries "
+                "distill: data2vec_weight > 0 together with feature_weight, nce_weight or embedding_weight; one request carries "
                 "one hidden reduction, so use Data2Vec alone (set the others to 0)"
             )
         if cfg.logits_weight > 0 and cfg.logits_top_k and cfg.logits_loss not in registry.names("logits_loss_topk"):
@@ -98,7 +101,7 @@ class Distiller(nn.Module):
         if (cfg.logits_weight > 0) and info.num_classes == 0:
             raise ValueError("distill.logits_weight > 0 but the teacher has no classification head")
         if not any((cfg.feature_weight, cfg.data2vec_weight, cfg.logits_weight, cfg.attention_weight,
-                    cfg.nce_weight, cfg.task_weight)):
+                    cfg.nce_weight, cfg.embedding_weight, cfg.task_weight)):
             raise ValueError("distill: every weight is 0; nothing to train")
 
     # -- names -----------------------------------------------------------------------------
@@ -110,7 +113,8 @@ class Distiller(nn.Module):
     def needs_teacher(self) -> bool:
         """False for the no-KD baseline (task loss only): no request is sent at all."""
         c = self.cfg
-        return any((c.feature_weight, c.data2vec_weight, c.logits_weight, c.attention_weight, c.nce_weight))
+        return any((c.feature_weight, c.data2vec_weight, c.logits_weight, c.attention_weight, c.nce_weight,
+                    c.embedding_weight))
 
     # -- what to request ---------------------------------------------------------------------
     def target_spec(self, dtype: str = "float32", arm: tuple[str, ...] | None = None) -> pb.TargetSpec:
@@ -128,7 +132,7 @@ class Distiller(nn.Module):
             layers = set()
             if c.feature_weight > 0 and m in layerwise:
                 layers |= {tl for _, tl in self.pairs[m]}
-            if c.nce_weight > 0:
+            if c.nce_weight > 0 or c.embedding_weight > 0:
                 layers.add(t.num_layers)
             if layers:
                 hidden[tm] = sorted(layers)
@@ -213,6 +217,10 @@ class Distiller(nn.Module):
                 term = self._nce(m, tm, v, targets, enqueue)
                 total = total + c.nce_weight * term
                 terms[f"nce.{m}"] = term.detach()
+            if c.embedding_weight > 0:
+                term = self._embedding(m, tm, v, targets)
+                total = total + c.embedding_weight * term
+                terms[f"emb.{m}"] = term.detach()
             if c.data2vec_weight > 0:
                 term = data2vec_loss(v.hidden, _t(_need(targets, f"data2vec.{tm}"), v.hidden[-1]), eps=c.data2vec_eps,
                                      mask=v.mask, projection=self.d2v_proj[m])
@@ -231,6 +239,15 @@ class Distiller(nn.Module):
         if full and c.attention_weight > 0:
             terms["attn"] = attn_all
         return total, terms
+
+    def _embedding(self, m, tm, v: ModuleView, targets):
+        """The embedding a sentence encoder is used through: the masked mean of the last block's
+        tokens (sentence-transformers' pooling), student (projected) vs teacher, by the configured
+        distance (cosine by default: retrieval compares directions)."""
+        key = f"hidden.{tm}.{self.teacher_info[m].num_layers}"
+        teacher = masked_mean_pool(_t(_need(targets, key), v.hidden[-1]), v.mask)  # (B, D_t)
+        student = masked_mean_pool(self.emb_proj[m](v.hidden[-1]), v.mask)  # (B, D_t)
+        return feature_loss(student, teacher, self.cfg.embedding_kind)
 
     def _attention(self, m, tm, v: ModuleView, targets):
         c = self.cfg

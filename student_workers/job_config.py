@@ -77,6 +77,10 @@ class DistillSection(Strict):
     temperature: float = Field(2.0, gt=0, description="KD temperature T (the loss carries T^2).")
     logits_top_k: int = Field(0, ge=0, description="Request only the teacher's top-k logits (0: all).")
     task_weight: float = Field(0.0, ge=0, description="Weight of the hard-label task loss (CE on data labels).")
+    embedding_weight: float = Field(
+        0.0, ge=0, description="Weight of the pooled-embedding loss: masked mean of the last block, student (projected) "
+        "vs teacher, what a sentence encoder is used through.")
+    embedding_kind: str = Field("cosine", description="Distance of the embedding loss (registry kind feature_distance).")
     attention_weight: float = Field(0.0, ge=0, description="Weight of attention-map distillation (methods 4).")
     attention_kind: str = Field(
         "head_mean", description="per_head: DistillVLM last-layer MSE; head_mean: OPTIMA per mapped layer."
@@ -87,7 +91,7 @@ class DistillSection(Strict):
     nce_mean_pooled: bool = Field(False, description="One NCE per sample on mean-pooled tokens instead of per token.")
     optima: OptimaSection = Field(default_factory=OptimaSection)
 
-    @field_validator("feature_kind", "layer_map", "logits_loss", "attention_kind")
+    @field_validator("feature_kind", "embedding_kind", "layer_map", "logits_loss", "attention_kind")
     @classmethod
     def _registered(cls, v: str, info) -> str:
         kind = _REGISTRY_KIND[info.field_name]
@@ -97,7 +101,8 @@ class DistillSection(Strict):
 
 
 # Which registry table each name-valued distill field is looked up in.
-_REGISTRY_KIND = {"feature_kind": "feature_distance", "layer_map": "layer_map", "logits_loss": "logits_loss",
+_REGISTRY_KIND = {"feature_kind": "feature_distance", "embedding_kind": "feature_distance", "layer_map": "layer_map",
+                  "logits_loss": "logits_loss",
                   "attention_kind": "attention_loss"}
 
 

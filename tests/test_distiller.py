@@ -153,3 +153,27 @@ def test_resume_continues_exactly_with_queue_and_bandit_state(teacher, info):
     resumed = _step(d2, opt2, plan2, sched2, teacher, info, 5)
     assert resumed == pytest.approx(uninterrupted, rel=1e-5)
     assert sched2.current_arm() == sched.current_arm()
+
+
+def test_embedding_term_is_cosine_of_mean_pooled_last_blocks(teacher, info):
+    """1 - cos(mean over real tokens of W h_s^L, mean over real tokens of h_t^L), averaged over the
+    batch, written out per sample."""
+    d = make(info, embedding_weight=1.0, feature_weight=0.0)
+    spec = d.target_spec()
+    assert [(s.module, list(s.layers)) for s in spec.hidden] == [("text", [4])]  # only the last teacher block
+    x = batch(3)
+    targets = targets_for(teacher, info, spec, x)
+    total, terms = d(x, targets)
+    out = d.student(x)
+    h_s = d.emb_proj["text"](out.hidden[-1]).detach()  # (B, T, 32)
+    h_t = targets["hidden.text.4"].float()  # (B, T, 32)
+    expected = 0.0
+    for b in range(h_s.shape[0]):
+        n = int(x["attention_mask"][b].sum())
+        s, t = h_s[b, :n].mean(0), h_t[b, :n].mean(0)
+        expected += 1.0 - float(s @ t / (s.norm() * t.norm()))
+    expected /= h_s.shape[0]
+    assert terms["emb.text"].item() == pytest.approx(expected, rel=1e-5)
+    assert total.item() == pytest.approx(expected, rel=1e-5)
+    total.backward()
+    assert d.emb_proj["text"].proj.weight.grad is not None  # 16 -> 32: a learnable projection

@@ -14,7 +14,7 @@ from student_workers.students import HFTextStudent, StudentConfig, build_student
 def teacher_as_student(name: str = "minilm") -> HFTextStudent:
     """The pretrained teacher as an :class:`HFTextStudent`: the same masked-mean embedding
     (sentence-transformers' pooling, before its final normalisation) and the same finetuning code."""
-    return build_student(StudentConfig(kind="hf_text", name=name, pretrained=True))
+    return build_student(StudentConfig(kind="hf_text", name=name, pretrained=True)).eval()
 
 
 @dataclass

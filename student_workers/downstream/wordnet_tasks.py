@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -103,11 +104,12 @@ class ReverseDictionary:
 
 
 def reverse_dictionary(synsets: Sequence[Synset], num_candidates: int, max_queries: int, seed: int) -> ReverseDictionary:
-    """Queries: held-out synsets whose definition does not contain their headword (sampled with
+    """Queries: held-out synsets whose definition is their own and does not contain their headword (sampled with
     ``seed``, at most ``max_queries``, at most ``num_candidates`` distinct answers). Candidates: the
     answers, filled up to ``num_candidates`` with headwords of other synsets drawn with ``seed``."""
     rng = np.random.default_rng(seed)
-    pool = [s for s in synsets if s.held_out and not mentions(s.definition, s.headword)]
+    uses = Counter(s.definition for s in synsets)  # a definition shared by synsets has no single answer
+    pool = [s for s in synsets if s.held_out and uses[s.definition] == 1 and not mentions(s.definition, s.headword)]
     order = rng.permutation(len(pool))
     queries, answers = [], {}
     for i in order:

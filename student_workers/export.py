@@ -18,7 +18,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from student_workers.students import HFTextStudent, Student, StudentConfig, TimmStudent, resolve_hf_path
+from student_workers.students import (
+    HFTextStudent,
+    Student,
+    StudentConfig,
+    TimmStudent,
+    resolve_hf_path,
+)
 
 TIMM_META = "timm_model.json"
 

@@ -10,11 +10,22 @@ import torch
 import yaml
 
 from student_workers.data import wordnet
-from student_workers.downstream import DownstreamConfig, format_table, layer_decay_groups, linear_probe, recall_at_k
+from student_workers.downstream import (
+    format_table,
+    layer_decay_groups,
+    linear_probe,
+    recall_at_k,
+)
 from student_workers.downstream.encoder import TextEncoder, teacher_as_student
 from student_workers.downstream.finetune import bert_levels
 from student_workers.downstream.probe import majority_accuracy
-from student_workers.downstream.wordnet_tasks import LEXNAMES, lexname_task, mentions, read_synsets, reverse_dictionary
+from student_workers.downstream.wordnet_tasks import (
+    LEXNAMES,
+    lexname_task,
+    mentions,
+    read_synsets,
+    reverse_dictionary,
+)
 from student_workers.students import StudentConfig, build_student
 
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}

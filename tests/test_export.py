@@ -27,7 +27,7 @@ def run_clean(script: str, cwd: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     guard = "\nimport sys\nassert not any(m.split('.')[0] in ('kdserve', 'student_workers', 'teacher_server') for m in sys.modules), 'project imported'\n"
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script) + guard], cwd=cwd, env=env,
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script) + guard], check=False, cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
 

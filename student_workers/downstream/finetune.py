@@ -5,7 +5,7 @@ layers, which hold more general features, move less)."""
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,11 @@ from student_workers.downstream.encoder import TextEncoder, teacher_as_student
 from student_workers.downstream.finetune import finetune_classifier
 from student_workers.downstream.probe import linear_probe, majority_accuracy
 from student_workers.downstream.retrieval import recall_at_k
-from student_workers.downstream.wordnet_tasks import lexname_task, read_synsets, reverse_dictionary
+from student_workers.downstream.wordnet_tasks import (
+    lexname_task,
+    read_synsets,
+    reverse_dictionary,
+)
 from student_workers.students import HFTextStudent, StudentConfig, build_student
 
 COLUMNS = (  # (row key, header, format)
@@ -121,7 +126,12 @@ def evaluate_run(run_dir: str | Path, cfg: DownstreamConfig | None = None, teach
     """Evaluate a text run's latest checkpoint against teacher, no-KD twin and random init;
     writes ``<run dir>/eval.json`` (rows + task sizes + config) and returns the rows."""
     from student_workers.data import load_tokenizer
-    from student_workers.run_artifacts import initial_student, load_student, read_config, student_config
+    from student_workers.run_artifacts import (
+        initial_student,
+        load_student,
+        read_config,
+        student_config,
+    )
 
     cfg = cfg or DownstreamConfig()
     run_dir = Path(run_dir)

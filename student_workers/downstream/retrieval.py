@@ -1,7 +1,7 @@
 """Recall@k of cosine retrieval (reverse dictionary: definition -> headword)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

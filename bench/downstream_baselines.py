@@ -30,6 +30,8 @@ def main() -> None:
     rows, info = evaluate_models(models, load_tokenizer("minilm"), cfg)
     print(format_table(rows))
     print(info)
+    for r in rows:
+        print(f"{r['model']}: encode+probe {r['encode_probe_s']:.0f}s, finetune {r['finetune_s']:.0f}s")
     print(f"wall {time.time() - t0:.0f}s")
 
 

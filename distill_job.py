@@ -59,6 +59,21 @@ def start_ray(cfg, ray_address: str | None):
     return ray
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """gRPC servers (the Serve proxy too) bind with SO_REUSEPORT: a second teacher on a busy port
+    would silently share it with the first, and students would get either one's targets."""
+    import socket
+
+    from kdserve.config import ConfigError
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise ConfigError(f"teacher.grpc_port: port {port} on {host} is in use (another teacher?); "
+                              f"pick another with --set teacher.grpc_port=...") from None
+
+
 def _free_port() -> int:
     import socket
 
@@ -99,6 +114,7 @@ def teacher_address(cfg) -> str:
     from teacher_server.serve_app import deploy
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve", "Application ready", ...
+    _check_port_free(cfg.teacher.host, cfg.teacher.grpc_port)
     print(f"deploying the local teacher {cfg.teacher.local.model} on Ray Serve (gRPC :{cfg.teacher.grpc_port})...",
           flush=True)
     host = cfg.teacher.host
@@ -146,6 +162,8 @@ def run(cfg, args) -> int:
     import torch
 
     from kdserve.config import dump
+    from student_workers.downstream.report import evaluate_run, format_table
+    from student_workers.export import export_run
     from student_workers.train import CKPT_FILE
 
     t0 = time.time()
@@ -157,7 +175,8 @@ def run(cfg, args) -> int:
     address = teacher_address(cfg)
     info = describe(address, cfg)
     print(f"teacher {info.model_name} at {address} (fingerprint {info.fingerprint}); run dir {run_dir}", flush=True)
-    before = None if args.skip_eval else evaluate(cfg, address, info)
+    text = cfg.student.kind == "hf_text"
+    before = None if args.skip_eval or text else evaluate(cfg, address, info)
     try:
         result = fit(cfg, address, run_dir)
     except Exception as e:  # Ray Train V2 raises TrainingFailedError from fit()
@@ -168,39 +187,26 @@ def run(cfg, args) -> int:
         return 1
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / CKPT_FILE, map_location="cpu", weights_only=False)
-    print(f"\n=== {cfg.run.name}: {state['step']} steps in {time.time() - t0:.0f}s "
-          f"({cfg.train.num_workers} workers) ===")
-    print(f"final metrics: { {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)} }")
+    m = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
+    print(f"\n=== {cfg.run.name}: {state['step']} steps in {time.time() - t0:.0f}s ({cfg.train.num_workers} workers); "
+          f"last loss {m.get('loss')}, {m.get('samples_per_s', 0):.0f} samples/s ===")
     print(f"checkpoint: {result.checkpoint.path}")
-    if before is not None:
-        after = evaluate(cfg, address, info, state["distiller"])
-        for k in after:
-            if k != "samples":
-                print(f"held-out {k} (student vs teacher, {after['samples']} samples): "
-                      f"{before[k]:.3f} before -> {after[k]:.3f} after distillation")
+    print(f"student exported for its own ecosystem: {export_run(run_dir)}")
+    if args.skip_eval:
+        return 0
+    if text:
+        t1 = time.time()
+        rows = evaluate_run(run_dir, cfg.evaluate)
+        print(f"downstream on WordNet synsets held out from distillation ({time.time() - t1:.0f}s; "
+              f"{run_dir / 'eval.json'}):")
+        print(format_table(rows))
+        return 0
+    after = evaluate(cfg, address, info, state["distiller"])
+    for k in after:
+        if k != "samples":
+            print(f"held-out {k} (student vs teacher, {after['samples']} samples): "
+                  f"{before[k]:.3f} before -> {after[k]:.3f} after distillation")
     return 0
-
-
-def fit(cfg, address: str, run_dir: Path):
-    """Run the Ray Train job; a run dir with checkpoints of the same run name is resumed."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from student_workers.train import train_loop_per_worker
-
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": cfg.model_dump(mode="json"), "address": address, "run_dir": str(run_dir)},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=RunConfig(
-            name=cfg.run.name, storage_path=str(run_dir.parent),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING"),  # the workers' own progress lines stay
-        ),
-    )
-    return trainer.fit()
 
 
 def training_failure(e: BaseException) -> str:

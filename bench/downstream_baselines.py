@@ -9,8 +9,9 @@ import torch
 
 from kdserve.config import apply_overrides, build
 from student_workers.data import load_tokenizer
-from student_workers.downstream import DownstreamConfig, evaluate_models, format_table
+from student_workers.downstream.config import DownstreamConfig
 from student_workers.downstream.encoder import teacher_as_student
+from student_workers.downstream.report import evaluate_models, format_table
 from student_workers.students import StudentConfig, build_student
 
 

@@ -76,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from kdserve.config import ConfigError, apply_overrides, build
-    from student_workers.downstream import DownstreamConfig, evaluate_run, format_table
+    from student_workers.downstream.config import DownstreamConfig
+    from student_workers.downstream.report import evaluate_run, format_table
 
     args = parse_args(argv)
     try:  # apply_overrides raises ConfigError too

@@ -13,6 +13,7 @@ from kdserve import registry
 from kdserve.config import Strict
 from kdserve.teacher_config import TeacherConfig
 from student_workers import losses  # noqa: F401  (registers the names the distill section accepts)
+from student_workers.downstream.config import DownstreamConfig
 from student_workers.student_base import StudentConfig
 
 
@@ -145,3 +146,7 @@ class JobConfig(Strict):
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
     run: RunSection = Field(default_factory=RunSection)
+    evaluate: DownstreamConfig = Field(
+        default_factory=DownstreamConfig,
+        description="Downstream evaluation at the end of a text run (teacher vs distilled vs no-KD twin vs random "
+        "init); the same as python -m student_workers.evaluate --run <run dir>.")

@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import threading
+from pathlib import Path
 
 from kdserve import auth, tls
 from kdserve.config import ConfigError, apply_overrides, build, load
@@ -131,9 +132,13 @@ def serve_forever(cfg: TeacherConfig, args: argparse.Namespace) -> None:
                   flush=True)
             _wait_for_ctrl_c()
         return
-    if token:
-        raise ConfigError("token auth for --backend serve is not wired yet; use --backend grpc, or keep the "
-                          "Serve teacher on loopback / behind the k8s NetworkPolicy")
+    if args.allow_unauthenticated_describe:
+        raise ConfigError("--allow-unauthenticated-describe is for --backend grpc; Ray Serve checks every call")
+    env = {}
+    if token and args.auth_token_file:  # the replicas read the same file (same machine, or a mounted Secret)
+        cfg = cfg.model_copy(update={"auth_token_file": str(Path(args.auth_token_file).resolve())})
+    elif token:  # from $KDSERVE_AUTH_TOKEN: the replicas get the variable (visible to whoever runs Ray)
+        env[auth.ENV_VAR] = token
 
     import ray
     from ray import serve
@@ -141,7 +146,7 @@ def serve_forever(cfg: TeacherConfig, args: argparse.Namespace) -> None:
     from teacher_server.serve_app import deploy
 
     check_port_free(args.host, args.http_port, "--http-port")
-    ray.init(address=args.ray_address, log_to_driver=False)
+    ray.init(address=args.ray_address, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
     try:
         deploy(cfg, grpc_port=args.port, http_port=args.http_port, host=args.host)
         print(f"kdserve teacher {cfg.model} on grpc://{socket.gethostname()}:{args.port} "

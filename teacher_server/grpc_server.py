@@ -32,7 +32,9 @@ from teacher_server.health import HealthReporter
 from teacher_server.metrics import get_metrics
 from teacher_server.service import TeacherService, status_of
 
-SERVER_OPTIONS = wire.CHANNEL_OPTIONS  # the protocol's message limit, both directions
+# The protocol's message limit both ways; and no SO_REUSEPORT: a second teacher started on a busy
+# port must fail to bind, not silently share the port (and the students) with the first.
+SERVER_OPTIONS = [*wire.CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
 
 
 class _LoopThread:
@@ -136,7 +138,10 @@ def run_server(
     reporter = HealthReporter(engine, health_interval_s)
     reporter.add_to_server(server)
     address = f"{host}:{port}"
-    bound = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
+    try:
+        bound = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises on a port in use
+        bound = 0
     if bound == 0:
         servicer.close()
         raise OSError(f"cannot bind {host}:{port}")

@@ -10,15 +10,11 @@ import torch
 import yaml
 
 from student_workers.data import wordnet
-from student_workers.downstream import (
-    format_table,
-    layer_decay_groups,
-    linear_probe,
-    recall_at_k,
-)
 from student_workers.downstream.encoder import TextEncoder, teacher_as_student
-from student_workers.downstream.finetune import bert_levels
-from student_workers.downstream.probe import majority_accuracy
+from student_workers.downstream.finetune import bert_levels, layer_decay_groups
+from student_workers.downstream.probe import linear_probe, majority_accuracy
+from student_workers.downstream.report import format_table
+from student_workers.downstream.retrieval import recall_at_k
 from student_workers.downstream.wordnet_tasks import (
     LEXNAMES,
     lexname_task,

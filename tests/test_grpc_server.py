@@ -273,3 +273,12 @@ def test_experiment_labels_are_sanitized_and_capped():
     assert labels("late-comer") == "other"  # over the cap
     assert labels("run/7 ü") == "run_7__"  # a known one keeps its label
     assert labels("run:7 ?") == "run_7__"  # sanitizes onto a known label: no new series
+
+
+def test_a_second_teacher_on_a_busy_port_fails_to_bind(vit_engine):
+    """gRPC binds with SO_REUSEPORT by default: two teachers would share one port and students would
+    get either one's targets. The plain server refuses instead."""
+    with run_server(vit_engine) as port:
+        with pytest.raises(OSError, match=f"cannot bind 127.0.0.1:{port}"):
+            with run_server(vit_engine, port=port):
+                pass

@@ -209,6 +209,28 @@ def run(cfg, args) -> int:
     return 0
 
 
+def fit(cfg, address: str, run_dir: Path):
+    """Run the Ray Train job; a run dir with checkpoints of the same run name is resumed."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from student_workers.train import train_loop_per_worker
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": cfg.model_dump(mode="json"), "address": address, "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=str(run_dir.parent),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # the workers' own progress lines stay
+        ),
+    )
+    return trainer.fit()
+
+
 def training_failure(e: BaseException) -> str:
     """One line naming the root cause of a failed fit(): the first worker's own exception, not
     Ray Train's wrapper (WorkerGroupError -> RayTaskError -> e.g. TeacherUnavailable)."""

@@ -241,7 +241,6 @@ def start_teacher(args) -> int:
         num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
         max_batch_size=max(args.batch, 8),
-        max_batch_requests=args.max_batch_requests,
         batch_wait_timeout_s=args.batch_wait_timeout_s,
     )
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
@@ -385,7 +384,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sample for text teachers")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs of the teacher replica")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs of the teacher replica (0: CPU)")
-    p.add_argument("--max-batch-requests", type=int, default=8)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
     p.add_argument("--echo-request-bytes", type=int, default=8, help="echo request size (>= 8)")
     p.add_argument("--out", nargs="?", const="auto", default=None, help="write JSON (default path bench/results/<timestamp>.json)")

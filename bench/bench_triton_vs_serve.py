@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     clients = [int(c) for c in args.clients.split(",")]
     cfg = TeacherConfig(
         model=args.model, pretrained=False, model_kwargs=json.loads(args.model_kwargs), device="cpu",
-        max_batch_size=max(args.batch * max(clients), args.batch), max_batch_requests=max(clients),
+        max_batch_size=max(args.batch * max(clients), args.batch),
         batch_wait_timeout_s=args.batch_wait, num_cpus=args.threads, max_request_bytes=1 << 30,
         max_reply_bytes=(1 << 31) - (1 << 20),
     )

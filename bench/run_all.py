@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         from bench import p2_batching, p4_overhead
         from kdserve.teacher_config import TeacherConfig
 
-        p2_cfg = TeacherConfig(model=p2_batching.MODEL, device="cpu", num_cpus=0.5, max_batch_requests=8, max_batch_size=32,
+        p2_cfg = TeacherConfig(model=p2_batching.MODEL, device="cpu", num_cpus=0.5, max_batch_size=32,
                                batch_wait_timeout_s=0.002)
         p4_cfg = TeacherConfig(model=p4_overhead.MODEL, device="cpu", num_cpus=0.5)
         with Stack(log) as stack:

@@ -30,7 +30,6 @@ class TeacherConfig(Strict):
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N.")
     amp: Literal["none", "bf16", "fp16"] = Field("bf16", description="Autocast dtype on CUDA; ignored on CPU.")
     max_batch_size: int = Field(64, ge=1, description="Most samples per request and per forward.")
-    max_batch_requests: int = Field(16, ge=1, description="Most requests merged into one server batch.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits for more requests.")
     max_request_bytes: int = Field(256 << 20, ge=1, description="Larger requests get RESOURCE_EXHAUSTED.")
     max_reply_bytes: int = Field(

@@ -74,7 +74,7 @@ def serve_teachers(ray_cluster):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, grpc_options=grpc_options(port))
     vit = tiny_vit_config(
-        num_cpus=0.5, max_batch_requests=8, batch_wait_timeout_s=0.05, max_batch_size=8,
+        num_cpus=0.5, batch_wait_timeout_s=0.05, max_batch_size=8,
         max_request_bytes=1 << 20, stream_chunk_bytes=4096,
     )
     mini = minilm_config(num_cpus=0.5, max_batch_size=16)

@@ -40,7 +40,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 FAST = dict(timeout=30.0, max_retries=1, backoff_s=0.05)
 # The same teacher as the session's Ray Serve app "teacher" (tests/conftest.serve_teachers):
 # same weights, so the same fingerprint, and the same limits.
-VIT = tiny_vit_config(max_batch_requests=8, batch_wait_timeout_s=0.05, max_batch_size=8, max_request_bytes=1 << 20)
+VIT = tiny_vit_config(batch_wait_timeout_s=0.05, max_batch_size=8, max_request_bytes=1 << 20)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ A restarted worker group resumes from the latest checkpoint's step, not from 0.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -169,6 +170,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
+    # Ray Train logs every report, checkpoint and DDP setup at INFO in the worker; the job's own
+    # progress lines are what a user reads.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = JobConfig.model_validate(config["job"])
     address = config["address"]
     ctx = ray.train.get_context()

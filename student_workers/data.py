@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 
 from kdserve.registry import get, register
 from student_workers import data_emoji  # noqa: F401  (registers the "emoji" dataset)
+from student_workers import data_emoji_images  # noqa: F401  (registers "emoji_images")
 from student_workers.augment import Size, _pair, augmented_view, crop_params, item_generator  # noqa: F401
 from student_workers.tokenizer import load_tokenizer  # noqa: F401
 

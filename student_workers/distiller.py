@@ -76,8 +76,8 @@ class Distiller(nn.Module):
                 except ValueError as e:
                     raise ValueError(f"distill.layer_map for module {m!r} (teacher has {t.num_layers} blocks): {e}") from None
             if cfg.feature_weight > 0:
-                for s, _ in self.pairs[m]:
-                    self.proj[f"{m}_{s}"] = Projection(d_s, t.hidden_size)
+                for s, tl in self.pairs[m]:
+                    self.proj[f"{m}_{s}"] = Projection(self._student_width(m, s), _teacher_width(t, tl))
             if cfg.attention_weight > 0 and cfg.attention_kind == "per_head" and h_s != t.num_heads:
                 raise ValueError(
                     f"distill.attention_kind=per_head needs equal head counts; module {m!r}: student {h_s}, "
@@ -103,6 +103,12 @@ class Distiller(nn.Module):
         if not any((cfg.feature_weight, cfg.data2vec_weight, cfg.logits_weight, cfg.attention_weight,
                     cfg.nce_weight, cfg.embedding_weight, cfg.task_weight)):
             raise ValueError("distill: every weight is 0; nothing to train")
+
+    def _student_width(self, m: str, block: int) -> int:
+        """Width of the student's block ``block``: per-block for students whose stages differ
+        (CNNs expose ``layer_sizes``), else the module's hidden size."""
+        sizes = getattr(self.student, "layer_sizes", {}).get(m)
+        return int(sizes[block - 1]) if sizes else self.student_modules[m][1]
 
     # -- names -----------------------------------------------------------------------------
     @property
@@ -288,6 +294,11 @@ class Distiller(nn.Module):
         fn = registry.get("logits_loss", c.logits_loss)
         kwargs = {"temperature": c.temperature} if "temperature" in inspect.signature(fn).parameters else {}
         return fn(logits, _t(_need(targets, "logits"), logits), **kwargs)
+
+
+def _teacher_width(t: pb.ModuleInfo, layer: int) -> int:
+    """Width of the teacher's hidden state ``layer`` (per layer when the Describe reply lists them)."""
+    return int(t.layer_sizes[layer - 1]) if len(t.layer_sizes) else int(t.hidden_size)
 
 
 def _need(targets, key: str) -> torch.Tensor:

@@ -35,6 +35,7 @@ from kdserve.config import build
 from kdserve.packaged import resolve_hf_path
 from kdserve.registry import get, register
 from student_workers import students_coca  # noqa: F401  (registers the "coca" student)
+from student_workers import students_cnn  # noqa: F401  (registers the "timm_cnn" student)
 from student_workers.student_base import TEXT, VISION, Student, StudentConfig, StudentOutput, placed
 
 # Name under which the probability-returning attention is registered with transformers.

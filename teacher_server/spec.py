@@ -47,6 +47,8 @@ class ModuleInfo:
     hidden_size: int
     num_heads: int
     num_tokens: int  # -1 when it follows the input length
+    # Width of hidden state l at entry l - 1 when blocks differ in width (CNN stages); () when all are hidden_size.
+    layer_sizes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,12 @@ def resolve_spec(msg: pb.TargetSpec, modules: list[ModuleInfo], num_classes: int
     )
     if spec.is_empty():
         raise SpecError("spec is empty: ask for hidden layers, attention layers or logits")
+    if hidden_reduction == "data2vec":
+        for module, layers in spec.hidden:
+            sizes = by_name[module].layer_sizes
+            if sizes and len({sizes[l - 1] for l in layers}) > 1:
+                raise SpecError(f"spec.hidden_reduction: data2vec averages layers, but module {shown(module)} "
+                                f"has layers of different widths {sorted(set(sizes))}")
     return spec
 
 

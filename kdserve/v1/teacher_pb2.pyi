@@ -23,18 +23,20 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModuleInfo(_message.Message):
-    __slots__ = ("name", "num_layers", "hidden_size", "num_heads", "num_tokens")
+    __slots__ = ("name", "num_layers", "hidden_size", "num_heads", "num_tokens", "layer_sizes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_HEADS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_SIZES_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_layers: int
     hidden_size: int
     num_heads: int
     num_tokens: int
-    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    layer_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_tokens: _Optional[int] = ..., layer_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InputInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "required", "doc")

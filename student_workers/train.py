@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from student_workers.client import SyncTeacherClient
 from student_workers.data import build_dataset, collate_text, shard
 from student_workers.distiller import Distiller
+from student_workers.faults import FaultDrill
 from student_workers.job_config import JobConfig
 from student_workers.prefetch import Prefetcher, align_images
 from student_workers.students import build_student
@@ -211,6 +212,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     writer = None
     run_dir = Path(config["run_dir"])
+    drill = FaultDrill.load(run_dir)  # tests only: see student_workers/faults.py
+    if drill is not None and ckpt:
+        drill.record("attempt", rank, start, distiller, scheduler)
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -230,6 +234,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     last_metrics: dict = {}
     try:
         for step in range(start, cfg.train.steps):
+            if drill is not None:
+                drill.maybe_fail(rank, step)
             batch, targets = next(pre)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
@@ -276,6 +282,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         {**last_metrics, "resumed_from": start})
         if scheduler is not None:
             write_optima_state(run_dir, rank, scheduler)
+        if drill is not None:
+            drill.record("final", rank, cfg.train.steps, distiller, scheduler)
     finally:
         pre.close()
         client.close()

@@ -22,7 +22,15 @@ from kdserve import wire
 from kdserve.v1 import teacher_pb2 as pb
 from student_workers.job_config import DistillSection
 from kdserve import registry
-from student_workers.losses import Projection, TeacherQueue, data2vec_loss, feature_loss, masked_mean_pool, token_nce
+from student_workers.losses import (
+    Projection,
+    TeacherQueue,
+    data2vec_loss,
+    feature_loss,
+    gather_rows,
+    masked_mean_pool,
+    token_nce,
+)
 from student_workers.losses.layer_map import layer_map
 
 
@@ -278,11 +286,12 @@ class Distiller(nn.Module):
                          mask=v.mask, mean_pooled=self.cfg.nce_mean_pooled)
         if enqueue and self.training:
             if self.cfg.nce_mean_pooled:
-                from student_workers.losses import masked_mean_pool
-
-                queue.enqueue(masked_mean_pool(teacher, v.mask))
+                rows = masked_mean_pool(teacher, v.mask)  # (B, D_t)
             else:
-                queue.enqueue(teacher, mask=v.mask)
+                rows = teacher.detach().reshape(-1, teacher.shape[-1])  # (B*T, D_t)
+                if v.mask is not None:
+                    rows = rows[v.mask.reshape(-1).bool()]  # (N, D_t): real tokens only
+            queue.enqueue(gather_rows(rows))  # every rank's batch, so every rank holds the same queue
         return loss
 
     def _logits(self, logits, targets):

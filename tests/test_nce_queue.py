@@ -155,3 +155,44 @@ def test_queue_is_carried_by_a_parent_module():
     parent.nce_queue.enqueue(torch.ones(2, 2))
     assert {"nce_queue.queue", "nce_queue.ptr", "nce_queue.filled"} <= set(parent.state_dict())
 
+
+
+def _gather_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from student_workers.losses import TeacherQueue, gather_rows
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        q = TeacherQueue(3, size=8)
+        for step in range(3):  # rank r sends r + 1 + step rows, valued 100 * rank + 10 * step + i
+            rows = torch.tensor([[100.0 * rank + 10 * step + i] * 3 for i in range(rank + 1 + step)])
+            q.enqueue(gather_rows(rows))
+        torch.save(q.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_enqueue_every_ranks_rows_in_rank_order(tmp_path):
+    """Two gloo processes with different row counts end with the same queue, equal to one queue fed
+    rank 0's rows then rank 1's at every step."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_gather_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    states = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+    alone = L.TeacherQueue(3, size=8)
+    for step in range(3):
+        alone.enqueue(torch.tensor([[100.0 * r + 10 * step + i] * 3 for r in range(2) for i in range(r + 1 + step)]))
+    assert torch.equal(states[0]["queue"], alone.queue) and int(states[0]["ptr"]) == int(alone.ptr)
+
+
+def test_gather_rows_without_a_process_group_is_the_identity():
+    x = torch.randn(5, 4)
+    assert L.gather_rows(x) is x

@@ -13,7 +13,7 @@ from .attention import attention_mse_head_mean, attention_mse_per_head
 from .data2vec import data2vec_loss
 from .feature import Projection, feature_loss
 from .layer_map import all_average_map, explicit_map, last_map, uniform_map
-from .nce import TeacherQueue, token_nce
+from .nce import TeacherQueue, gather_rows, token_nce
 from .response import kd_kl, kd_kl_topk, logits_mse, soft_cross_entropy
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "data2vec_loss",
     "explicit_map",
     "feature_loss",
+    "gather_rows",
     "kd_kl",
     "kd_kl_topk",
     "last_map",

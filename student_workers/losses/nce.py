@@ -128,3 +128,27 @@ class TeacherQueue(nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.queue.shape[-1]}"
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, concatenated in rank order (MoCo's concat_all_gather, for a different
+    row count per rank: token-wise NCE enqueues only real tokens). rows: (N_r, D) -> (sum_r N_r, D).
+
+    Under DDP each rank must enqueue the same rows: DDP copies rank 0's buffers to every rank before
+    each forward, so a queue filled from the local shard alone would keep only rank 0's negatives.
+    Without a process group it is the identity.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    world = dist.get_world_size()
+    count = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    most = max(int(c) for c in counts)
+    padded = rows.new_zeros(most, rows.shape[-1])  # (max N_r, D): all_gather needs equal shapes
+    padded[: rows.shape[0]] = rows
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[: int(c)] for part, c in zip(parts, counts)])

@@ -142,18 +142,26 @@ class WireReply:
     """A TargetsReply read from its wire bytes: ``outputs`` holds WireTensors (views of ``data``),
     every other field comes from a small TargetsReply parsed by protobuf (``header``)."""
 
-    def __init__(self, data: bytes, header: pb.TargetsReply, outputs: dict[str, WireTensor]):
+    def __init__(self, data: bytes, header: pb.TargetsReply, outputs: dict[str, WireTensor], size: int | None = None):
         self.data, self.header, self.outputs = data, header, outputs
+        self._size = len(data) if size is None else size
 
     def __getattr__(self, name: str):  # fingerprint, timings, sample_keys, sample_offset, num_chunks
+        if name == "header":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self.header, name)
 
     def ByteSize(self) -> int:  # noqa: N802  (the message's method name)
-        return len(self.data)
+        """Bytes received (for a reply joined from rows: the rows' sum)."""
+        return self._size
 
     def to_message(self) -> pb.TargetsReply:
         """The protobuf message (copies every tensor: for tests and tools, not the hot path)."""
-        return pb.TargetsReply.FromString(bytes(self.data))
+        msg = pb.TargetsReply()
+        msg.CopyFrom(self.header)
+        for name, t in self.outputs.items():
+            msg.outputs[name].CopyFrom(t.to_message())
+        return msg
 
 
 class WireError(ValueError):

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import grpc
 import torch
 
-from kdserve import auth, codec, limits, registry, tls, wire
+from kdserve import auth, codec, limits, registry, reply_wire, tls, wire
 from kdserve.v1 import teacher_pb2 as pb
 from kdserve.v1 import teacher_pb2_grpc as pb_grpc
 
@@ -186,6 +186,9 @@ def make_transport(address: str, **kwargs: Any) -> Transport:
     return cls.from_address(address, **kwargs)
 
 
+_SERVICE = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name
+
+
 @registry.register("transport", "grpcs")
 @registry.register("transport", "grpc")
 class GrpcTransport(Transport):
@@ -274,14 +277,33 @@ class GrpcTransport(Transport):
             lambda s: s.Describe(pb.DescribeRequest(), timeout=timeout, metadata=self.metadata)
         )
 
-    async def get_targets(self, request: pb.TargetsRequest, timeout: float) -> pb.TargetsReply:
-        return await self._call(lambda s: s.GetTargets(request, timeout=timeout, metadata=self.metadata))
+    # Replies arrive as bytes and are read by reply_wire.parse_reply: the tensors stay views of
+    # the received bytes (protobuf's parser would copy each one, and each read of ``.data`` again).
+    def _raw(self, channel: grpc.aio.Channel, method: str, stream: bool):
+        make = channel.unary_stream if stream else channel.unary_unary
+        return make(f"/{_SERVICE}/{method}", request_serializer=pb.TargetsRequest.SerializeToString,
+                    response_deserializer=None)
 
-    async def stream_targets(self, request: pb.TargetsRequest, timeout: float) -> list[pb.TargetsReply]:
-        async def collect(s: pb_grpc.TeacherServiceStub) -> list[pb.TargetsReply]:
-            return [c async for c in s.StreamTargets(request, timeout=timeout, metadata=self.metadata)]
+    def _parse(self, data: bytes) -> reply_wire.WireReply:
+        try:
+            return reply_wire.parse_reply(data)
+        except reply_wire.WireError as e:
+            raise TeacherError(grpc.StatusCode.DATA_LOSS, f"malformed reply: {e}", self.address) from None
 
-        return await self._call(collect)
+    async def get_targets(self, request: pb.TargetsRequest, timeout: float) -> reply_wire.WireReply:
+        channel, _ = self._stub_here()
+        rpc = self._raw(channel, "GetTargets", stream=False)
+        data = await self._call(lambda s: rpc(request, timeout=timeout, metadata=self.metadata))
+        return self._parse(data)
+
+    async def stream_targets(self, request: pb.TargetsRequest, timeout: float) -> list[reply_wire.WireReply]:
+        channel, _ = self._stub_here()
+        rpc = self._raw(channel, "StreamTargets", stream=True)
+
+        async def collect(s: pb_grpc.TeacherServiceStub) -> list[bytes]:
+            return [c async for c in rpc(request, timeout=timeout, metadata=self.metadata)]
+
+        return [self._parse(c) for c in await self._call(collect)]
 
     async def close(self) -> None:
         channel, self._channel, self._stub = self._channel, None, None

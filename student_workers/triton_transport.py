@@ -36,7 +36,7 @@ except ImportError as e:  # pragma: no cover - the triton extra is missing
         "triton:// teacher addresses need tritonclient[grpc]: pip install 'kdserve[triton]'"
     ) from e
 
-from kdserve import codec, registry
+from kdserve import codec, registry, reply_wire
 from kdserve.v1 import teacher_pb2 as pb
 from student_workers.client import GRPC_OPTIONS, TeacherError, Transport, parse_address
 from kdserve.triton_wire import (
@@ -73,9 +73,10 @@ def split_bytes_tensor(raw: bytes | memoryview) -> list[memoryview]:
     return out
 
 
-def join_rows(rows: list[pb.TargetsReply]) -> pb.TargetsReply:
-    """Per-sample replies (row i = sample i) -> one reply; each tensor's bytes are concatenated
-    along dim 0 (row-major data and per-row int8 scales both stack that way)."""
+def join_rows(rows: list) -> "reply_wire.WireReply | pb.TargetsReply":
+    """Per-sample replies (row i = sample i; TargetsReply or reply_wire.WireReply) -> one reply;
+    each tensor's bytes are concatenated along dim 0 (row-major data and per-row int8 scales both
+    stack that way): one copy, none for a single row."""
     if not rows:
         raise ValueError("the answer has no rows")
     rows = sorted(rows, key=lambda r: r.sample_offset)
@@ -86,19 +87,20 @@ def join_rows(rows: list[pb.TargetsReply]) -> pb.TargetsReply:
         return first
     if any(r.fingerprint != first.fingerprint for r in rows):
         raise ValueError("rows of one answer carry different fingerprints")
-    out = pb.TargetsReply(fingerprint=first.fingerprint, timings=first.timings, sample_offset=0, num_chunks=1,
-                          sample_keys=[k for r in rows for k in r.sample_keys])
+    header = pb.TargetsReply(fingerprint=first.fingerprint, timings=first.timings, sample_offset=0, num_chunks=1,
+                             sample_keys=[k for r in rows for k in r.sample_keys])
+    outputs = {}
     for name, t in first.outputs.items():
         parts = [r.outputs.get(name) for r in rows]
         if any(p is None or p.dtype != t.dtype or list(p.shape[1:]) != list(t.shape[1:]) for p in parts):
             raise ValueError(f"output {name!r} differs in dtype or shape between rows")
-        out.outputs[name].CopyFrom(pb.Tensor(
+        outputs[name] = reply_wire.WireTensor(
             dtype=t.dtype,
-            shape=[sum(int(p.shape[0]) for p in parts), *t.shape[1:]],
+            shape=(sum(int(p.shape[0]) for p in parts), *(int(d) for d in t.shape[1:])),
             data=b"".join(p.data for p in parts),
             scales=b"".join(p.scales for p in parts),
-        ))
-    return out
+        )
+    return reply_wire.WireReply(b"", header, outputs, size=sum(r.ByteSize() for r in rows))
 
 
 @registry.register("transport", "triton")
@@ -224,7 +226,9 @@ class TritonTransport(Transport):
             )
         try:
             idx = [o.name for o in response.outputs].index(TARGETS_OUTPUT)
-            rows = [pb.TargetsReply.FromString(v) for v in split_bytes_tensor(response.raw_output_contents[idx])]
+            # read once (each read of a bytes field copies); rows are parsed as views of it
+            raw = response.raw_output_contents[idx]
+            rows = [reply_wire.parse_reply(v) for v in split_bytes_tensor(raw)]
             return join_rows(rows)
         except Exception as e:  # ValueError, IndexError, protobuf DecodeError
             raise TeacherError(

@@ -23,9 +23,9 @@ from typing import Iterator, Sequence
 
 import grpc
 
-from kdserve import auth, wire
+from kdserve import auth, reply_wire, wire
+from kdserve.v1 import teacher_pb2 as pb
 from kdserve.v1 import teacher_pb2_grpc as pb_grpc
-from kdserve.wire import reply_bytes, reply_samples
 from teacher_server.coalesce import Coalescer
 from teacher_server.engine import TeacherEngine
 from teacher_server.health import HealthReporter
@@ -87,22 +87,24 @@ class Servicer(pb_grpc.TeacherServiceServicer):
         return work, outputs, stats, queue_ms
 
     def GetTargets(self, request, context):
+        """Answers a reply_wire.EncodedReply: the serialised TargetsReply (see ``add_servicer``)."""
         work, outputs, stats, queue_ms = self._compute(request, context, stream=False)
-        reply = self.service.reply(request, work, outputs, stats, queue_ms)
-        self.metrics.answered(request.experiment_id, reply_samples(reply), reply_bytes(reply), queue_ms)
+        reply = self.service.reply(request, work, outputs, stats, queue_ms, encoded=True)
+        self.metrics.answered(request.experiment_id, reply.samples, reply.payload_bytes, queue_ms)
         return reply
 
     def StreamTargets(self, request, context):
         work, outputs, stats, queue_ms = self._compute(request, context, stream=True)
         samples = nbytes = 0
         stall_s = self.service.cfg.stream_stall_timeout_s
-        chunks = self.service.chunks(request, work, outputs, stats, queue_ms)  # lazy: one encoded at a time
+        # lazy: one encoded at a time
+        chunks = self.service.chunks(request, work, outputs, stats, queue_ms, encoded=True)
         del outputs  # the generator holds them; dropped with it when the stream ends or is cancelled
         for chunk in chunks:
             if not context.is_active():  # client gone or deadline passed: encode nothing more
                 return
-            samples += reply_samples(chunk)
-            nbytes += reply_bytes(chunk)
+            samples += chunk.samples
+            nbytes += chunk.payload_bytes
             # The generator resumes only once this chunk was sent; a client that stops reading
             # never lets it resume, so the timer cancels the call (the send then fails, the
             # generator is closed and the outputs freed).
@@ -115,6 +117,29 @@ class Servicer(pb_grpc.TeacherServiceServicer):
                 watchdog.cancel()
             del chunk
         self.metrics.answered(request.experiment_id, samples, nbytes, queue_ms)  # one count per request
+
+
+def add_servicer(servicer: Servicer, server: grpc.Server) -> None:
+    """Register ``servicer`` like ``add_TeacherServiceServicer_to_server``, except that GetTargets and
+    StreamTargets answer pre-serialised replies (reply_wire.EncodedReply): their serializer only
+    hands the bytes over, so protobuf never copies nor re-serialises the tensors."""
+    handlers = {
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            servicer.Describe, request_deserializer=pb.DescribeRequest.FromString,
+            response_serializer=pb.TeacherInfo.SerializeToString,
+        ),
+        "GetTargets": grpc.unary_unary_rpc_method_handler(
+            servicer.GetTargets, request_deserializer=pb.TargetsRequest.FromString,
+            response_serializer=reply_wire.identity,
+        ),
+        "StreamTargets": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamTargets, request_deserializer=pb.TargetsRequest.FromString,
+            response_serializer=reply_wire.identity,
+        ),
+    }
+    service = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
 
 
 @contextlib.contextmanager
@@ -134,7 +159,7 @@ def run_server(
     chain = [*auth.interceptors(auth_token, allow_unauthenticated_describe), *interceptors]
     servicer = Servicer(engine)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS, interceptors=chain)
-    pb_grpc.add_TeacherServiceServicer_to_server(servicer, server)
+    add_servicer(servicer, server)
     reporter = HealthReporter(engine, health_interval_s)
     reporter.add_to_server(server)
     address = f"{host}:{port}"

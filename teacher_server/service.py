@@ -14,7 +14,7 @@ from typing import Iterator
 import grpc
 import torch
 
-from kdserve import codec, limits
+from kdserve import codec, limits, reply_wire
 from kdserve.teacher_config import TeacherConfig
 from kdserve.v1 import teacher_pb2 as pb
 from kdserve.wire import batch_size
@@ -159,20 +159,33 @@ class TeacherService:
             batch_samples=stats.samples,
         )
 
-    def reply(self, request: pb.TargetsRequest, work: Work, outputs: dict, stats: BatchStats, queue_ms: float) -> pb.TargetsReply:
-        reply = pb.TargetsReply(
+    def _finish(self, header: pb.TargetsReply, outputs: dict, sl: slice | None, encoded: bool):
+        """``header`` plus the outputs: a message, or its wire bytes built with one copy per tensor
+        (kdserve.reply_wire: what the plain gRPC server sends, without protobuf's copies)."""
+        if not encoded:
+            return self._encode_into(header, outputs, sl)
+        return reply_wire.encode_reply(header, _parts(outputs, sl))
+
+    def reply(
+        self, request: pb.TargetsRequest, work: Work, outputs: dict, stats: BatchStats, queue_ms: float,
+        encoded: bool = False,
+    ) -> "pb.TargetsReply | reply_wire.EncodedReply":
+        """The GetTargets answer; ``encoded``: as a reply_wire.EncodedReply (bytes, parse-equal)."""
+        header = pb.TargetsReply(
             fingerprint=self.engine.fingerprint,
             timings=self._timings(stats, queue_ms),
             sample_keys=list(request.sample_keys),
             sample_offset=0,
             num_chunks=1,
         )
-        return self._encode_into(reply, outputs)
+        return self._finish(header, outputs, None, encoded)
 
     def chunks(
-        self, request: pb.TargetsRequest, work: Work, outputs: dict, stats: BatchStats, queue_ms: float
-    ) -> Iterator[pb.TargetsReply]:
-        """Split along the batch into chunks of about ``stream_chunk_bytes`` (at least one sample)."""
+        self, request: pb.TargetsRequest, work: Work, outputs: dict, stats: BatchStats, queue_ms: float,
+        encoded: bool = False,
+    ) -> "Iterator[pb.TargetsReply | reply_wire.EncodedReply]":
+        """Split along the batch into chunks of about ``stream_chunk_bytes`` (at least one sample);
+        ``encoded``: as reply_wire.EncodedReply, like ``reply``."""
         b = batch_size(work.inputs)
         per_sample = max(1, sum(_nbytes(v) for v in outputs.values()) // b)
         step = max(1, self.cfg.stream_chunk_bytes // per_sample)
@@ -187,7 +200,16 @@ class TeacherService:
                 sample_offset=start,
                 num_chunks=len(starts),
             )
-            yield self._encode_into(chunk, outputs, sl)
+            yield self._finish(chunk, outputs, sl, encoded)
+
+
+def _parts(outputs: dict, sl: slice | None):
+    """(name, tensor, scales or None) of each output, sliced along the batch (views, no copy)."""
+    for name, v in outputs.items():
+        if isinstance(v, Quantized):
+            yield name, (v.q if sl is None else v.q[sl]), (v.scales if sl is None else v.scales[sl])
+        else:
+            yield name, (v if sl is None else v[sl]), None
 
 
 def _nbytes(v) -> int:

@@ -33,7 +33,7 @@ from student_workers.client import (
     estimate_reply_bytes,
 )
 from teacher_server.engine import Quantized, TeacherEngine, Work
-from teacher_server.grpc_server import SERVER_OPTIONS, Servicer, run_server
+from teacher_server.grpc_server import SERVER_OPTIONS, Servicer, add_servicer, run_server
 from teacher_server.spec import resolve_spec
 from tests.conftest import free_port, tiny_vit_config
 
@@ -335,7 +335,7 @@ class RecordingServicer(Servicer):
 def recording_server(engine: TeacherEngine) -> Iterator[tuple[int, RecordingServicer]]:
     servicer = RecordingServicer(engine)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=SERVER_OPTIONS)
-    pb_grpc.add_TeacherServiceServicer_to_server(servicer, server)
+    add_servicer(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:

@@ -112,7 +112,7 @@ import time  # noqa: E402
 import urllib.request  # noqa: E402
 from concurrent import futures  # noqa: E402
 
-from teacher_server.grpc_server import SERVER_OPTIONS, Servicer  # noqa: E402
+from teacher_server.grpc_server import SERVER_OPTIONS, Servicer, add_servicer  # noqa: E402
 from teacher_server.metrics import ExperimentLabels, sanitize  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
@@ -122,7 +122,7 @@ def _servicer_server(engine):
     """run_server's own parts, keeping a handle on the servicer to see its queue."""
     servicer = Servicer(engine)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=SERVER_OPTIONS)
-    pb_grpc.add_TeacherServiceServicer_to_server(servicer, server)
+    add_servicer(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:

@@ -145,7 +145,9 @@ class TritonPythonModel:
             else:
                 for (i, msg, work), outputs in zip(accepted, results):
                     try:
-                        rows = [c.SerializeToString() for c in self.service.chunks(msg, work, outputs, stats, queue_ms)]
+                        # one row per sample, each built as wire bytes with one copy per tensor
+                        # (kdserve.reply_wire; a message's SerializeToString copies twice more)
+                        rows = [c.data for c in self.service.chunks(msg, work, outputs, stats, queue_ms, encoded=True)]
                         out = np.empty((len(rows), 1), dtype=np.object_)
                         out[:, 0] = rows
                         responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(TARGETS_OUTPUT, out)])

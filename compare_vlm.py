@@ -17,13 +17,12 @@ held-out emoji, which no tuning may look at. Scores per run: category accuracy, 
 retrieval recall@1/@5 among all captions of the split (the student's image and text embeddings),
 top-1 agreement with the teacher. Prints mean +- std (sample std, ddof=1) per variant, the loss
 terms at initialisation (value and gradient norm, to see which one steers training), and writes
-``<storage>/compare_vlm[-val].json`` and one OPTIMA plot per seed (arm frequencies + reward means).
+``<storage>/compare_vlm.json`` (``compare_vlm-<run.name>-val.json`` when tuning) and one OPTIMA plot per seed (arm frequencies + reward means).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import statistics
 import sys
@@ -144,7 +143,7 @@ def eval_split(cfg, split: str):
     return build_dataset(cfg.data.dataset, **kwargs)
 
 
-def score(cfg, address, info, state_dict, split: str, batch_size: int = 128) -> dict:
+def score(cfg, address, info, state_dict, split: str, batch_size: int = 64) -> dict:
     """Category accuracy, image->text recall@1/@5 among all captions of ``split`` (student's
     image embedding vs text embedding, cosine), top-1 agreement with the teacher's classifier, and
     the teacher's own accuracy on the same samples."""
@@ -195,7 +194,8 @@ def loss_scales(cfg, address, info, batches: int = 2) -> dict[str, dict[str, flo
 
     from student_workers.distiller import Distiller
     from student_workers.students import build_student
-    from student_workers.train import batch_labels, batches as train_batches, student_inputs, teacher_client
+    from student_workers.train import batch_labels, student_inputs, teacher_client
+    from student_workers.train import batches as train_batches
 
     torch.manual_seed(cfg.train.seed)
     distiller = Distiller(build_student(cfg.student), cfg.distill, info)
@@ -240,6 +240,20 @@ def resolve_student_checkpoint(cfg) -> None:
     s = cfg.student
     if s.kind == "coca" and s.pretrained and s.name and Path(s.name).is_file():
         s.name = str(Path(s.name).resolve())
+
+
+def write_results(args, argv, cfg, storage: Path, seeds, info, scales, rows, records, wall: float, plots,
+                  complete: bool = False):
+    """(summary table, path) after writing every run so far to the JSON file (partial until the end)."""
+    table = summarize(rows)
+    suffix = "" if args.split == "held_out" else f"-{cfg.run.name}-{args.split}"  # one file per tuning run
+    out = storage / f"compare_vlm{suffix}.json"
+    out.write_text(json.dumps({
+        "command": "python compare_vlm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "split": args.split, "seeds": seeds, "steps": cfg.train.steps, "wall_s": round(wall, 1),
+        "teacher": info.model_name, "loss_scales_at_init": scales, "runs": records, "summary": table,
+        "optima_plots": plots, "complete": complete}, indent=2))
+    return table, out
 
 
 def main(argv=None) -> int:
@@ -308,23 +322,16 @@ def main(argv=None) -> int:
                             "scores": scores, "final_train_metrics": train_metrics})
             if name == "optima":
                 optima_runs.append((seed, run_dir))
+            write_results(args, argv, cfg, storage, seeds, info, scales, rows, records, time.time() - t0, [])
             print(f"[compare] {name} seed {seed} ({time.time() - t1:.0f} s): "
                   + "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if k != "samples"), flush=True)
-        table = summarize(rows)
-        suffix = "" if args.split == "held_out" else f"-{args.split}"
-        plots = plot_optima_runs(optima_runs, storage)
         wall = time.time() - t0
-        text = format_table(table, args.split)
+        table, out = write_results(args, argv, cfg, storage, seeds, info, scales, rows, records, wall,
+                                   plot_optima_runs(optima_runs, storage), complete=True)
         print(f"\n{len(seeds)} seeds ({','.join(map(str, seeds))}), {cfg.train.steps} steps each, "
               f"{rows[0][2]['samples']} {args.split} samples; teacher accuracy {rows[0][2]['teacher_accuracy']:.3f}; "
-              f"wall {wall:.0f} s\n{text}\n{verdict(table)}")
-        out = storage / f"compare_vlm{suffix}.json"
-        out.write_text(json.dumps({
-            "command": "python compare_vlm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "split": args.split, "seeds": seeds, "steps": cfg.train.steps, "wall_s": round(wall, 1),
-            "teacher": info.model_name, "loss_scales_at_init": scales, "runs": records, "summary": table,
-            "optima_plots": plots}, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
-        print(f"[compare] wrote {out}" + (f" and {', '.join(plots)}" if plots else ""))
+              f"wall {wall:.0f} s\n{format_table(table, args.split)}\n{verdict(table)}")
+        print(f"[compare] wrote {out} and the OPTIMA plots optima_seed<seed>.png")
         return 0
     finally:
         try:
@@ -336,7 +343,7 @@ def main(argv=None) -> int:
                 serve.shutdown()
             if ray.is_initialized():
                 ray.shutdown()
-        except Exception:
+        except Exception:  # noqa: BLE001, S110  (teardown must not hide the run's own error)
             pass
 
 

@@ -15,6 +15,8 @@ Items of ``build_dataset("emoji", ...)``::
 Categories: the package's categories sorted by name, without "Component" (skin-tone and hair
 swatches): 9 classes for emoji-datasource 15-16. The train/held-out split hashes the unified
 code, so it is fixed whatever the seed and survives package updates for unchanged emoji.
+``val_fraction`` > 0 carves a validation split (``split="val"``) out of train by a second hash,
+for tuning without touching the held-out split; train then excludes it.
 Augmentation (on by default for train, off for held-out): a light random-resized crop drawn from
 (seed, epoch, index) like the other datasets, so teacher and student get the same view.
 """
@@ -99,12 +101,20 @@ def is_held_out(key: str, fraction: float) -> bool:
     return zlib.crc32(key.encode("utf-8")) < fraction * 2**32
 
 
+def split_of(key: str, held_out_fraction: float, val_fraction: float) -> str:
+    """held_out | val | train. The validation share of the non-held-out emoji uses another hash,
+    so the held-out split is the same whatever ``val_fraction``."""
+    if is_held_out(key, held_out_fraction):
+        return "held_out"
+    return "val" if zlib.crc32(b"val:" + key.encode("utf-8")) < val_fraction * 2**32 else "train"
+
+
 @register("dataset", "emoji")
 class EmojiDataset(Dataset):
     """Noto emoji images with their names as captions and their category as label.
 
-    ``split``: train | held_out | all; ``held_out_fraction`` of the emoji (by code hash) are held
-    out. ``augment`` (default: train only) draws a random-resized crop with ``scale``/``ratio``
+    ``split``: train | val | held_out | all; ``held_out_fraction`` of the emoji (by code hash) are
+    held out, ``val_fraction`` of the rest form ``val`` (0: no validation split). ``augment`` (default: train only) draws a random-resized crop with ``scale``/``ratio``
     from (seed, epoch, index); ``hflip`` defaults to 0 (a mirrored arrow is another emoji).
     """
 
@@ -113,6 +123,7 @@ class EmojiDataset(Dataset):
         split: str = "train",
         size: Size = 32,
         held_out_fraction: float = 0.2,
+        val_fraction: float = 0.0,
         augment: bool | None = None,
         scale: Sequence[float] = (0.7, 1.0),
         ratio: Sequence[float] = (0.85, 1.0 / 0.85),
@@ -120,14 +131,18 @@ class EmojiDataset(Dataset):
         seed: int = 0,
         root: str | None = None,
     ):
-        if split not in ("train", "held_out", "all"):
-            raise ValueError(f"split must be 'train', 'held_out' or 'all', got {split!r}")
+        if split not in ("train", "val", "held_out", "all"):
+            raise ValueError(f"split must be 'train', 'val', 'held_out' or 'all', got {split!r}")
         if not 0.0 <= held_out_fraction < 1.0:
             raise ValueError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if split == "val" and val_fraction == 0.0:
+            raise ValueError("split 'val' needs val_fraction > 0")
         classes, entries, images = load_emoji(str(emoji_dir(root)))
         idx = [
             i for i, e in enumerate(entries)
-            if split == "all" or is_held_out(e["key"], held_out_fraction) == (split == "held_out")
+            if split == "all" or split_of(e["key"], held_out_fraction, val_fraction) == split
         ]
         self.classes = list(classes)
         self.num_classes = len(self.classes)

@@ -147,7 +147,7 @@ def evaluate(cfg, address, info, state_dict=None) -> dict:
     from student_workers.distiller import Distiller
     from student_workers.evaluate import agreement
     from student_workers.students import build_student
-    from student_workers.train import teacher_client
+    from student_workers.train import image_size, teacher_client
 
     torch.manual_seed(cfg.train.seed)
     distiller = Distiller(build_student(cfg.student), cfg.distill, info)
@@ -155,7 +155,7 @@ def evaluate(cfg, address, info, state_dict=None) -> dict:
         distiller.load_state_dict(state_dict)
     n = max(1, cfg.data.eval_samples // cfg.data.batch_size)
     with teacher_client(cfg, address, f"{cfg.run.name}-eval") as client:
-        return agreement(distiller, client, eval_batches(cfg), distiller.target_spec(), n)
+        return agreement(distiller, client, eval_batches(cfg), distiller.target_spec(), n, image_size(info))
 
 
 def run(cfg, args) -> int:

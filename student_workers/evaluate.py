@@ -24,14 +24,18 @@ from student_workers.losses import masked_mean_pool
 
 
 @torch.no_grad()
-def agreement(distiller: Distiller, client, batches, spec, max_batches: int) -> dict[str, float]:
+def agreement(distiller: Distiller, client, batches, spec, max_batches: int,
+              teacher_image_size: tuple[int, int] | None = None) -> dict[str, float]:
     """Cosine of mean-pooled embeddings on the last mapped layer pair (student projected to the
-    teacher's width), and top-1 agreement when logits are distilled."""
+    teacher's width), and top-1 agreement when logits are distilled. The teacher gets the view the
+    student sees, resized to ``teacher_image_size`` as in training."""
+    from student_workers.train import teacher_inputs
+
     distiller.eval()
     cos, top1, acc, n, labelled = 0.0, 0.0, 0.0, 0, False
     for batch in itertools.islice(batches, max_batches):
         inputs = {k: v for k, v in batch.items() if k in ("pixel_values", "input_ids", "attention_mask")}
-        targets = client.get_targets(inputs, spec) if distiller.needs_teacher else {}
+        targets = client.get_targets(teacher_inputs(batch, teacher_image_size), spec) if distiller.needs_teacher else {}
         labels = batch.get("labels", batch.get("label"))
         out = distiller.student(inputs)
         view = next(iter(module_views(out).values()))

@@ -159,7 +159,7 @@ def lr_at(step: int, cfg: JobConfig) -> float:
     return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
-def _image_size(info) -> tuple[int, int] | None:
+def image_size(info) -> tuple[int, int] | None:
     for i in info.inputs:
         if i.name == "pixel_values":
             return int(i.shape[2]), int(i.shape[3])
@@ -220,7 +220,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         writer = SummaryWriter(str(run_dir / "tensorboard"))
 
-    size = _image_size(info)
+    size = image_size(info)
     source = batches(cfg, rank, world, epoch0=start)
     o = cfg.distill.optima
     plan = ArmPlan(distiller, scheduler, cfg.teacher.target_dtype, o.delta, o.measure_steps, start,

@@ -191,7 +191,10 @@ def run(cfg, args) -> int:
     print(f"\n=== {cfg.run.name}: {state['step']} steps in {time.time() - t0:.0f}s ({cfg.train.num_workers} workers); "
           f"last loss {m.get('loss')}, {m.get('samples_per_s', 0):.0f} samples/s ===")
     print(f"checkpoint: {result.checkpoint.path}")
-    print(f"student exported for its own ecosystem: {export_run(run_dir)}")
+    try:
+        print(f"student exported for its own ecosystem: {export_run(run_dir)}")
+    except (TypeError, ValueError) as e:  # the checkpoint still holds the student
+        print(f"note: no ecosystem export: {_one_line(e)}")
     if args.skip_eval:
         return 0
     if text:

@@ -25,6 +25,7 @@ from student_workers.students import (
     TimmStudent,
     resolve_hf_path,
 )
+from student_workers.students_cnn import TimmCNNStudent
 
 TIMM_META = "timm_model.json"
 
@@ -77,6 +78,29 @@ def export_timm(student: TimmStudent, out: Path, config: StudentConfig) -> None:
     })
 
 
+def export_timm_cnn(student: TimmCNNStudent, out: Path, config: StudentConfig) -> None:
+    """A timm CNN: its state dict and name/kwargs as for ViTs, and, because ``head_features`` (a
+    narrower MobileNetV3 head) is not a ``timm.create_model`` argument, also the module traced to
+    TorchScript (``torch.jit.load(dir/model.torchscript.pt)`` takes normalised (B, 3, H, W) images and
+    returns logits), which loads with PyTorch alone."""
+    import torch
+    from safetensors.torch import save_file
+
+    kwargs = {k: v for k, v in config.kwargs.items() if k != "head_features"}
+    state = {k: v.detach().contiguous() for k, v in student.model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    model = student.model.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.zeros(1, 3, 64, 64))
+    traced.save(str(out / "model.torchscript.pt"))
+    _write_json(out / TIMM_META, {
+        "model_name": config.name, "kwargs": kwargs, "head_features": config.kwargs.get("head_features"),
+        "mean": student.mean.flatten().tolist(), "std": student.std.flatten().tolist(),
+        "input": "RGB in [0, 1], normalised with mean/std; any size",
+        "torchscript": "model.torchscript.pt",
+    })
+
+
 def export_student(student: Student, out_dir: str | Path, tokenizer_name: str = "minilm",
                    sentence_transformers: bool = True, config: StudentConfig | None = None,
                    max_seq_length: int = 256) -> Path:
@@ -89,6 +113,10 @@ def export_student(student: Student, out_dir: str | Path, tokenizer_name: str = 
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(student, HFTextStudent):
         export_hf_text(student, out, tokenizer_name, sentence_transformers, max_seq_length)
+    elif isinstance(student, TimmCNNStudent):
+        if config is None:
+            raise ValueError("export_student(timm_cnn student) needs config= (its StudentConfig)")
+        export_timm_cnn(student, out, config)
     elif isinstance(student, TimmStudent):
         if config is None:
             raise ValueError("export_student(timm student) needs config= (its StudentConfig)")

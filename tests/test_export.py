@@ -94,3 +94,28 @@ def test_export_without_config_for_timm_is_an_error(tmp_path):
                                           kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}))
     with pytest.raises(ValueError, match="config="):
         export_student(student, tmp_path / "e")
+
+
+@torch.no_grad()
+def test_timm_cnn_export_loads_with_torch_jit(tmp_path):
+    """A MobileNet student with kdserve's narrower head: the TorchScript module gives its logits with
+    PyTorch alone."""
+    cfg = StudentConfig(kind="timm_cnn", name="mobilenetv3_small_050", kwargs={"head_features": 64, "num_classes": 10})
+    torch.manual_seed(0)
+    student = build_student(cfg).eval()
+    x = torch.rand(2, 3, 48, 48)  # RGB in [0, 1]
+    want = student({"pixel_values": x}).logits.numpy()  # (2, 10)
+    out = export_student(student, tmp_path / "export", config=cfg)
+    torch.save(x, tmp_path / "x.pt")
+    np.save(tmp_path / "want.npy", want)
+    run_clean(f"""
+        import json, numpy as np, torch
+        meta = json.load(open({str(out / 'timm_model.json')!r}))
+        model = torch.jit.load({str(out)!r} + "/" + meta["torchscript"]).eval()
+        x = torch.load({str(tmp_path / 'x.pt')!r})
+        mean, std = torch.tensor(meta["mean"]).view(1, 3, 1, 1), torch.tensor(meta["std"]).view(1, 3, 1, 1)
+        with torch.no_grad():
+            got = model((x - mean) / std).numpy()
+        want = np.load({str(tmp_path / 'want.npy')!r})
+        assert np.allclose(got, want, atol=1e-5), np.abs(got - want).max()
+    """, tmp_path)

@@ -15,6 +15,7 @@ checkpoint (``checkpoint_*/state.pt``), which only kdserve code can resume from.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,8 @@ def export_timm_cnn(student: TimmCNNStudent, out: Path, config: StudentConfig) -
     state = {k: v.detach().contiguous() for k, v in student.model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
     model = student.model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates tracing; jit.load still reads it
         traced = torch.jit.trace(model, torch.zeros(1, 3, 64, 64))
     traced.save(str(out / "model.torchscript.pt"))
     _write_json(out / TIMM_META, {

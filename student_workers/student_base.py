@@ -95,3 +95,16 @@ def placed(layers: set[int], n: int, found: Mapping[int, Tensor]) -> list[Tensor
         return None
     return [found[l] if l in layers else None for l in range(1, n + 1)]
 
+
+def register_normalisation(module: nn.Module, model: nn.Module, mean: Iterable[float] | None,
+                           std: Iterable[float] | None) -> None:
+    """``module.mean`` / ``module.std`` as (1, 3, 1, 1) buffers: the given values, else timm's for
+    ``model``. Buffers, so ``.to(device)`` moves them; not persistent: they are config, not weights."""
+    import torch
+    import timm.data
+
+    cfg = timm.data.resolve_model_data_config(model)
+    mean = list(mean) if mean is not None else list(cfg["mean"])
+    std = list(std) if std is not None else list(cfg["std"])
+    module.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+    module.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)

@@ -36,7 +36,15 @@ from kdserve.packaged import resolve_hf_path
 from kdserve.registry import get, register
 from student_workers import students_coca  # noqa: F401  (registers the "coca" student)
 from student_workers import students_cnn  # noqa: F401  (registers the "timm_cnn" student)
-from student_workers.student_base import TEXT, VISION, Student, StudentConfig, StudentOutput, placed
+from student_workers.student_base import (
+    TEXT,
+    VISION,
+    Student,
+    StudentConfig,
+    StudentOutput,
+    placed,
+    register_normalisation,
+)
 
 # Name under which the probability-returning attention is registered with transformers.
 _PROBS_IMPL = "kdserve_probs"
@@ -99,17 +107,11 @@ class TimmStudent(Student):
 
     def __init__(self, model: nn.Module, mean: Iterable[float] | None = None, std: Iterable[float] | None = None):
         super().__init__()
-        import timm.data
 
         if not hasattr(model, "blocks") or not len(model.blocks) or not hasattr(model.blocks[0], "attn"):
             raise ValueError(f"{type(model).__name__} is not a transformer with .blocks[i].attn; kdserve needs one")
         self.model = model
-        data_cfg = timm.data.resolve_model_data_config(model)
-        mean = list(mean) if mean is not None else list(data_cfg["mean"])
-        std = list(std) if std is not None else list(data_cfg["std"])
-        # Buffers, so .to(device) moves them; not persistent: they are config, not weights.
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        register_normalisation(self, model, mean, std)
         h, w = model.patch_embed.img_size  # the model's own size; a pretrained cfg may describe another
         self.image_size = (int(h), int(w))
         attn = model.blocks[0].attn

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from kdserve.capture import hooks
 from kdserve.registry import register
-from student_workers.student_base import VISION, Student, StudentConfig, StudentOutput
+from student_workers.student_base import VISION, Student, StudentConfig, StudentOutput, register_normalisation
 
 
 def _pooled(x: Tensor) -> Tensor:
@@ -54,17 +54,12 @@ class TimmCNNStudent(Student):
 
     def __init__(self, model: nn.Module, mean: Iterable[float] | None = None, std: Iterable[float] | None = None):
         super().__init__()
-        import timm.data
 
         if not hasattr(model, "blocks") or not hasattr(model, "forward_head"):
             raise ValueError(f"{type(model).__name__} has no .blocks stages / forward_head; timm_cnn needs an "
                              "EfficientNet/MobileNet-style timm model")
         self.model = model
-        data_cfg = timm.data.resolve_model_data_config(model)
-        mean = list(mean) if mean is not None else list(data_cfg["mean"])
-        std = list(std) if std is not None else list(data_cfg["std"])
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        register_normalisation(self, model, mean, std)
         self.num_classes = int(getattr(model, "num_classes", 0) or 0)
         was = model.training
         model.eval()

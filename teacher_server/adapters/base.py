@@ -84,3 +84,20 @@ def check_token_ids(inputs: dict[str, torch.Tensor], vocab_size: int, max_len: i
     mask = inputs.get("attention_mask")
     if mask is not None and mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
         raise SpecError("inputs['attention_mask']: values must be 0 or 1")
+
+
+def image_normalisation(model: nn.Module, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """timm's mean/std for ``model`` as (1, 3, 1, 1) tensors, and the preprocessing Describe reports:
+    clients send RGB in [0, 1] at ``image_size``; the server normalises."""
+    import timm.data
+
+    cfg = timm.data.resolve_model_data_config(model)
+    mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
+    preprocessing = {
+        "pixel_values": "RGB in [0, 1], not normalized; the server normalizes",
+        "mean": list(cfg["mean"]),
+        "std": list(cfg["std"]),
+        "image_size": list(image_size),
+    }
+    return mean, std, preprocessing

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdserve.registry import register
-from teacher_server.adapters.base import Capture, EarlyExit, TeacherAdapter, capture_output
+from teacher_server.adapters.base import Capture, EarlyExit, TeacherAdapter, capture_output, image_normalisation
 from teacher_server.spec import InputInfo, ModuleInfo
 
 MODULE = "vision"
@@ -42,14 +42,7 @@ class TimmCNN(TeacherAdapter):
         cfg = timm.data.resolve_model_data_config(model)
         size = int(image_size or cfg["input_size"][-1])
         self.image_size = (size, size)
-        self.mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
-        self.preprocessing = {
-            "pixel_values": "RGB in [0, 1], not normalized; the server normalizes",
-            "mean": list(cfg["mean"]),
-            "std": list(cfg["std"]),
-            "image_size": list(self.image_size),
-        }
+        self.mean, self.std, self.preprocessing = image_normalisation(model, self.image_size)
         sizes = self._layer_sizes()
         self.num_layers = len(sizes)
         self.modules = [ModuleInfo(name=MODULE, num_layers=len(sizes), hidden_size=max(sizes), num_heads=0,

@@ -13,7 +13,7 @@ from torch import nn
 
 from kdserve.registry import register
 from kdserve.capture import hooks, unfused
-from teacher_server.adapters.base import Capture, EarlyExit, TeacherAdapter, capture_output
+from teacher_server.adapters.base import Capture, EarlyExit, TeacherAdapter, capture_output, image_normalisation
 from teacher_server.spec import InputInfo, ModuleInfo
 
 MODULE = "vision"
@@ -21,23 +21,14 @@ MODULE = "vision"
 
 class TimmViT(TeacherAdapter):
     def __init__(self, model: nn.Module, model_name: str):
-        import timm.data
 
         self.model = model.eval()
         self.model_name = model_name
         self.blocks = list(model.blocks)
-        cfg = timm.data.resolve_model_data_config(model)
         # The model's own patch embed knows its size; the pretrained cfg may describe another.
         h, w = model.patch_embed.img_size
         self.image_size = (int(h), int(w))
-        self.mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
-        self.preprocessing = {
-            "pixel_values": "RGB in [0, 1], not normalized; the server normalizes",
-            "mean": list(cfg["mean"]),
-            "std": list(cfg["std"]),
-            "image_size": list(self.image_size),
-        }
+        self.mean, self.std, self.preprocessing = image_normalisation(model, self.image_size)
         tokens = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
         self.modules = [
             ModuleInfo(

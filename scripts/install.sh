@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_PINS=${KDSERVE_TORCH-"torch==2.14.1 torchvision==0.29.1"}
-EXTRAS=${KDSERVE_EXTRAS:-minilm,triton,data,dev}
+EXTRAS=${KDSERVE_EXTRAS:-minilm,vision,triton,data,dev}
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"

@@ -10,6 +10,7 @@ import torch
 from teacher_server.engine import Quantized, TeacherEngine, Work
 from teacher_server.spec import TargetSpec
 from tests.conftest import tiny_beit_config
+from tests.naive import naive_data2vec
 
 
 def _images(n, size=32, seed=0):
@@ -132,28 +133,6 @@ def test_asking_for_attention_does_not_change_outputs(vit_engine):
                for b in vit_engine.adapter.model.blocks)
 
 
-def _naive_data2vec(layers, eps):
-    """methods.md section 3 written out: per sample, per channel stats over tokens."""
-    B, T, D = layers[0].shape
-    avg = torch.zeros(B, T, D)
-    for h in layers:
-        for b in range(B):
-            for d in range(D):
-                col = h[b, :, d]
-                mu = col.sum() / T
-                var = ((col - mu) ** 2).sum() / T
-                avg[b, :, d] += (col - mu) / math.sqrt(var + eps)
-    avg /= len(layers)
-    y = torch.empty_like(avg)
-    for b in range(B):
-        for t in range(T):
-            row = avg[b, t]
-            mu = row.sum() / D
-            var = ((row - mu) ** 2).sum() / D
-            y[b, t] = (row - mu) / math.sqrt(var + eps)
-    return y
-
-
 @pytest.mark.parametrize("eps", [1e-5, 1e-3])
 def test_data2vec_target_equals_naive_formula(vit_engine, eps):
     x = _images(2, seed=4)
@@ -161,7 +140,7 @@ def test_data2vec_target_equals_naive_formula(vit_engine, eps):
     d2v = _run(vit_engine, {"pixel_values": x}, hidden=(("vision", (1, 2, 3)),),
                hidden_reduction="data2vec", data2vec_eps=eps)
     assert set(d2v) == {"data2vec.vision"}
-    naive = _naive_data2vec([hid[f"hidden.vision.{l}"] for l in (1, 2, 3)], eps)
+    naive = naive_data2vec([hid[f"hidden.vision.{l}"] for l in (1, 2, 3)], eps)
     torch.testing.assert_close(d2v["data2vec.vision"], naive, rtol=1e-4, atol=1e-4)
 
 

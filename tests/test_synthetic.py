@@ -3,18 +3,17 @@ Describe through a real gRPC server, the Data2Vec reduction against its formula 
 the forward's sleep (checked with a fake clock, never wall time)."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from kdserve import wire
+from kdserve.teacher_config import TeacherConfig
 from student_workers.client import SyncTeacherClient
 from teacher_server.adapters.synthetic import parse_synthetic
-from kdserve.teacher_config import TeacherConfig
 from teacher_server.engine import TeacherEngine, Work
 from teacher_server.grpc_server import run_server
 from teacher_server.spec import TargetSpec
+from tests.naive import naive_data2vec
 
 SMALL = "synthetic:layers=4,tokens=17,dim=24,heads=3,classes=10,image_size=16,latency_ms=0"
 TEXT = "synthetic:input=text,layers=3,dim=16,heads=2,classes=0,vocab=100,max_len=32,latency_ms=0"
@@ -90,34 +89,11 @@ def test_text_tokens_follow_the_input_and_ids_are_checked():
         e.check(Work({"input_ids": ids + 100}, TargetSpec(logits=False, hidden=(("text", (1,)),))))
 
 
-def _naive_data2vec(hs: list[torch.Tensor], eps: float) -> torch.Tensor:
-    """LayerNorm(mean_l InstanceNorm_tokens(H_l)), written out with loops (float64)."""
-    B, T, D = hs[0].shape
-    avg = torch.zeros(B, T, D, dtype=torch.float64)
-    for h in hs:
-        h = h.double()
-        for b in range(B):
-            for d in range(D):
-                col = h[b, :, d]
-                mu = col.sum() / T
-                var = ((col - mu) ** 2).sum() / T
-                avg[b, :, d] += (col - mu) / math.sqrt(var + eps)
-    avg /= len(hs)
-    y = torch.empty_like(avg)
-    for b in range(B):
-        for t in range(T):
-            row = avg[b, t]
-            mu = row.sum() / D
-            var = ((row - mu) ** 2).sum() / D
-            y[b, t] = (row - mu) / math.sqrt(var + eps)
-    return y.float()
-
-
 def test_data2vec_target_equals_naive_formula():
     e, x = engine(), images(2, seed=3)
     hid = run(e, {"pixel_values": x}, hidden=(("vision", (2, 3, 4)),))
     d2v = run(e, {"pixel_values": x}, hidden=(("vision", (2, 3, 4)),), hidden_reduction="data2vec")
-    naive = _naive_data2vec([hid[f"hidden.vision.{l}"] for l in (2, 3, 4)], 1e-5)
+    naive = naive_data2vec([hid[f"hidden.vision.{l}"] for l in (2, 3, 4)], 1e-5)
     torch.testing.assert_close(d2v["data2vec.vision"], naive, rtol=1e-4, atol=1e-4)
     # two samples, two targets: the instance norm does not cancel the per-sample term
     assert not torch.allclose(d2v["data2vec.vision"][0], d2v["data2vec.vision"][1], atol=1e-3)

@@ -10,6 +10,8 @@ Figures (every number is a ratio against a baseline measured in the same run):
   P2 batching  samples/s, 4 clients x batch 8 vs one in-process engine call at batch 32
   P3 wire      bytes on the wire per sample vs the requested tensors' raw bytes, per reduction/dtype
   P4 overhead  MB/s and req/s through plain gRPC, Ray Serve, Triton vs a bare grpc.aio bytes echo
+  F  fairness  a light experiment's p50 beside a flooding one, fair scheduler vs FIFO
+  C  cache     a second experiment on the same data, target cache on, vs the first (fc_sharing.py)
   (P5, GPU only: bench/gpu_p5.py)
 Writes bench/results/<date>-<host>.json, .md (printed too) and P1/P4 plots (PNG).
 """
@@ -32,7 +34,7 @@ from pathlib import Path
 from bench.common import Figure, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL = ("P1", "P2", "P3", "P4")
+ALL = ("P1", "P2", "P3", "P4", "F", "C")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -197,8 +199,17 @@ def main(argv=None) -> int:
                     p4_overhead.plot(rows, out_dir / f"{stem}-P4.png")
                     plots.append(f"{stem}-P4.png")
 
+    if "F" in only or "C" in only:
+        from bench import fc_sharing
+
+        if "F" in only:
+            figs.append(fc_sharing.fairness(args.quick, log))
+        if "C" in only:
+            figs.append(fc_sharing.cache(args.quick, log))
+
     order = {k: i for i, k in enumerate(["P1_prefetch_ratio", "P2_batching_ratio", "P3_bytes_ratio",
-                                         "P4_ratio_grpc", "P4_ratio_serve", "P4_ratio_triton"])}
+                                         "P4_ratio_grpc", "P4_ratio_serve", "P4_ratio_triton",
+                                         "F_fairness_light_p50", "C_cache_speedup"])}
     figs.sort(key=lambda f: order.get(f.key, 99))
     import grpc
     import torch

@@ -151,9 +151,9 @@ class AioAuthInterceptor(grpc.aio.ServerInterceptor):
         return _refusal(handler, refuse)
 
 
-def interceptors(token: str | None, allow_unauthenticated_describe: bool = False) -> list[grpc.ServerInterceptor]:
-    """The sync server's interceptors for ``token`` (none without one)."""
+def interceptors(token: str | None, allow_unauthenticated_describe: bool = False) -> list[grpc.aio.ServerInterceptor]:
+    """The plain gRPC server's (grpc.aio) interceptors for ``token`` (none without one)."""
     if not token:
         return []
     open_methods = [*HEALTH_METHODS, *([DESCRIBE] if allow_unauthenticated_describe else [])]
-    return [AuthInterceptor(token, open_methods)]
+    return [AioAuthInterceptor(token, open_methods)]

@@ -17,7 +17,6 @@ Fields at their default (empty string/bytes/shape) are left out, as protobuf doe
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -91,13 +90,26 @@ def entry_parts(name: str, t: torch.Tensor, scales: torch.Tensor | None = None) 
     return [head, *inner], len(head) + ilen
 
 
-@dataclass(frozen=True)
 class EncodedReply:
-    """A serialised TargetsReply (``data``) with what metrics count, read without parsing it."""
+    """A serialised TargetsReply with what metrics count, read without parsing it.
 
-    data: bytes
-    samples: int  # dim 0 of the outputs
-    payload_bytes: int  # tensor data + int8 scales: kdserve.wire.reply_bytes of the parsed message
+    ``parts``: the buffers whose concatenation is the message (tensor data as views); ``data``
+    joins them once, on first use (what gRPC sends); ``nbytes`` is the message's length.
+    """
+
+    __slots__ = ("parts", "samples", "payload_bytes", "nbytes")
+
+    def __init__(self, parts: list, samples: int, payload_bytes: int):
+        self.parts = parts
+        self.samples = samples  # dim 0 of the outputs
+        self.payload_bytes = payload_bytes  # tensor data + int8 scales: kdserve.wire.reply_bytes of the parsed message
+        self.nbytes = sum(memoryview(p).nbytes for p in parts)
+
+    @property
+    def data(self) -> bytes:
+        if len(self.parts) != 1 or not isinstance(self.parts[0], bytes):
+            self.parts = [b"".join(self.parts)]
+        return self.parts[0]
 
 
 def encode_reply(
@@ -112,7 +124,7 @@ def encode_reply(
         samples = samples or (int(t.shape[0]) if t.dim() else 0)
         payload += t.numel() * t.element_size() + (4 * scales.numel() if scales is not None else 0)
     parts.append(header.SerializeToString())  # fields 2.. after field 1, protobuf's own order
-    return EncodedReply(b"".join(parts), samples, payload)
+    return EncodedReply(parts, samples, payload)
 
 
 def identity(reply: EncodedReply) -> bytes:

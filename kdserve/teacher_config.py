@@ -30,7 +30,11 @@ class TeacherConfig(Strict):
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N.")
     amp: Literal["none", "bf16", "fp16"] = Field("bf16", description="Autocast dtype on CUDA; ignored on CPU.")
     max_batch_size: int = Field(64, ge=1, description="Most samples per request and per forward.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits for more requests.")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0,
+        description="Triton's max_queue_delay: how long a lone request waits for company. 0 (default) batches "
+        "what queued while the previous forward ran, as the gRPC and Serve frontends' Coalescer does.",
+    )
     max_request_bytes: int = Field(256 << 20, ge=1, description="Larger requests get RESOURCE_EXHAUSTED.")
     max_reply_bytes: int = Field(
         1 << 30, ge=1, description="Larger GetTargets replies get RESOURCE_EXHAUSTED (use StreamTargets)."

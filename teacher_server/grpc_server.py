@@ -1,16 +1,18 @@
 """A plain gRPC TeacherService (no Ray): for a single machine, tests, and as the reference.
 
-The sync handlers hand their requests to the same Coalescer as the Ray Serve deployment, running
-on one asyncio loop thread: requests of all clients share forwards, picked fairly across
+A grpc.aio server on one asyncio loop thread, which is also the home of the Coalescer: a request
+goes from the transport to its coroutine and into the forward queue without crossing a thread,
+so a small request costs no thread hand-offs beyond the forward's own (``bench`` P4 measures it
+against a bare grpc.aio echo). Requests of all clients share forwards, picked fairly across
 experiments, with the target cache and per-request isolation. A client that cancels or whose
-deadline passes has its request dropped from the queue.
+deadline passes has its handler cancelled, which drops its request from the queue.
 
 StreamTargets is flow-controlled: chunks are encoded one at a time, each only once the previous one
-was handed to the transport (the sync server pulls the generator after a send completes, and a
-send waits for HTTP/2 flow control), so an unread stream holds the computed outputs plus about one
-encoded chunk and the transport's window, never every encoded chunk. A client that reads nothing
-for ``stream_stall_timeout_s`` is cancelled. ``run_server`` follows the grpc examples:
-a context manager yielding the port; metrics go to a Prometheus endpoint when asked.
+was taken by the transport (``context.write`` waits for HTTP/2 flow control), so an unread stream
+holds the computed outputs plus about one encoded chunk and the transport's window, never every
+encoded chunk. A client that reads nothing for ``stream_stall_timeout_s`` is cancelled.
+``run_server`` follows the grpc examples: a context manager yielding the port; metrics go to a
+Prometheus endpoint when asked.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
-from concurrent import futures
 from typing import Iterator, Sequence
 
 import grpc
@@ -30,19 +31,22 @@ from teacher_server.coalesce import Coalescer
 from teacher_server.engine import TeacherEngine
 from teacher_server.health import HealthReporter
 from teacher_server.metrics import get_metrics
-from teacher_server.service import TeacherService, status_of
+from teacher_server.service import TeacherService, payload_nbytes, status_of
 
 # The protocol's message limit both ways; and no SO_REUSEPORT: a second teacher started on a busy
 # port must fail to bind, not silently share the port (and the students) with the first.
 SERVER_OPTIONS = [*wire.CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
+# Replies above this are encoded (one memcpy per tensor) on a worker thread, so the loop keeps
+# moving other requests meanwhile; below it the hand-off would cost more than the copy.
+OFF_LOOP_BYTES = 1 << 20
 
 
 class _LoopThread:
-    """An asyncio loop on a daemon thread: the Coalescer's home, fed from the handler threads."""
+    """An asyncio loop on a daemon thread: home of the aio server and the Coalescer."""
 
     def __init__(self):
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="kdserve-coalescer", daemon=True)
+        self._thread = threading.Thread(target=self.loop.run_forever, name="kdserve-loop", daemon=True)
         self._thread.start()
 
     def submit(self, coro) -> concurrent.futures.Future:
@@ -54,6 +58,8 @@ class _LoopThread:
 
 
 class Servicer(pb_grpc.TeacherServiceServicer):
+    """The TeacherService handlers, coroutines of a grpc.aio server (see ``add_servicer``)."""
+
     def __init__(self, engine: TeacherEngine):
         self.service = TeacherService(engine)
         self.metrics = get_metrics("prometheus")
@@ -61,65 +67,60 @@ class Servicer(pb_grpc.TeacherServiceServicer):
             engine, engine.cfg, on_batch=self.metrics.batch_stats, metrics=self.metrics,
             cache_events=self.metrics.cache_event,
         )
-        self._loop = _LoopThread()
 
-    def close(self) -> None:
-        self._loop.close()
-
-    def Describe(self, request, context):
+    async def Describe(self, request, context):
         return self.service.describe()
 
-    def _compute(self, request, context, stream: bool):
+    async def _compute(self, request, context, stream: bool):
         try:
             work = self.service.prepare(request, stream=stream)
             work.experiment = request.experiment_id
-            pending = self._loop.submit(self.coalescer.submit([work]))
-            # client gone or deadline passed: cancel, so the queue drops it before any forward
-            context.add_callback(pending.cancel)
-            ((outputs, stats, queue_ms),) = pending.result()
-        except concurrent.futures.CancelledError:
+            ((outputs, stats, queue_ms),) = await self.coalescer.submit([work])
+        except asyncio.CancelledError:  # client gone or deadline passed: the queue drops the work
             self.metrics.refused(request.experiment_id, grpc.StatusCode.CANCELLED.name)
-            context.abort(grpc.StatusCode.CANCELLED, "request cancelled before its forward")
+            raise
         except Exception as e:  # every failure becomes a status, never a dead server
             code, msg = status_of(e)
             self.metrics.refused(request.experiment_id, code.name)
-            context.abort(code, msg)
+            await context.abort(code, msg)
         return work, outputs, stats, queue_ms
 
-    def GetTargets(self, request, context):
+    async def GetTargets(self, request, context):
         """Answers a reply_wire.EncodedReply: the serialised TargetsReply (see ``add_servicer``)."""
-        work, outputs, stats, queue_ms = self._compute(request, context, stream=False)
-        reply = self.service.reply(request, work, outputs, stats, queue_ms, encoded=True)
+        work, outputs, stats, queue_ms = await self._compute(request, context, stream=False)
+        args = (request, work, outputs, stats, queue_ms)
+        if payload_nbytes(outputs) > OFF_LOOP_BYTES:
+            reply = await asyncio.to_thread(self.service.reply, *args, encoded=True)
+        else:
+            reply = self.service.reply(*args, encoded=True)
         self.metrics.answered(request.experiment_id, reply.samples, reply.payload_bytes, queue_ms)
         return reply
 
-    def StreamTargets(self, request, context):
-        work, outputs, stats, queue_ms = self._compute(request, context, stream=True)
+    async def StreamTargets(self, request, context):
+        work, outputs, stats, queue_ms = await self._compute(request, context, stream=True)
         samples = nbytes = 0
         stall_s = self.service.cfg.stream_stall_timeout_s
-        # lazy: one encoded at a time
+        # lazy: one encoded at a time, off the loop (chunks are stream_chunk_bytes each)
         chunks = self.service.chunks(request, work, outputs, stats, queue_ms, encoded=True)
         del outputs  # the generator holds them; dropped with it when the stream ends or is cancelled
-        for chunk in chunks:
-            if not context.is_active():  # client gone or deadline passed: encode nothing more
-                return
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
             samples += chunk.samples
             nbytes += chunk.payload_bytes
-            # The generator resumes only once this chunk was sent; a client that stops reading
-            # never lets it resume, so the timer cancels the call (the send then fails, the
-            # generator is closed and the outputs freed).
-            watchdog = threading.Timer(stall_s, context.cancel)
-            watchdog.daemon = True
-            watchdog.start()
-            try:
-                yield chunk
-            finally:
-                watchdog.cancel()
+            # write() returns once the transport took the chunk; a client that stops reading
+            # never lets it return: after stall_s the outputs are freed and the call ends CANCELLED
+            # (the status follows whatever the transport still holds for the client).
+            write = asyncio.ensure_future(context.write(chunk))
+            done, _ = await asyncio.wait({write}, timeout=stall_s)
+            if not done:
+                chunks.close()
+                self.metrics.refused(request.experiment_id, grpc.StatusCode.CANCELLED.name)
+                await context.abort(grpc.StatusCode.CANCELLED, f"the client read nothing for {stall_s:g} s")
+            write.result()
             del chunk
         self.metrics.answered(request.experiment_id, samples, nbytes, queue_ms)  # one count per request
 
 
-def add_servicer(servicer: Servicer, server: grpc.Server) -> None:
+def add_servicer(servicer: Servicer, server: grpc.aio.Server) -> None:
     """Register ``servicer`` like ``add_TeacherServiceServicer_to_server``, except that GetTargets and
     StreamTargets answer pre-serialised replies (reply_wire.EncodedReply): their serializer only
     hands the bytes over, so protobuf never copies nor re-serialises the tensors."""
@@ -139,51 +140,75 @@ def add_servicer(servicer: Servicer, server: grpc.Server) -> None:
     }
     service = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-    server.add_registered_method_handlers(service, handlers)
 
 
 @contextlib.contextmanager
 def run_server(
-    engine: TeacherEngine, port: int = 0, host: str = "127.0.0.1", workers: int = 64, metrics_port: int | None = None,
+    engine: TeacherEngine, port: int = 0, host: str = "127.0.0.1", workers: int = 8, metrics_port: int | None = None,
     *, auth_token: str | None = None, allow_unauthenticated_describe: bool = False,
     tls: grpc.ServerCredentials | None = None, interceptors: Sequence = (), health_interval_s: float = 30.0,
 ) -> Iterator[int]:
     """Serve ``engine`` on ``host:port`` (0 picks a free port); yields the bound port.
 
-    ``workers`` bounds the requests in flight (each waits on a handler thread while queued).
-    ``metrics_port`` (default: the engine config's ``metrics_port``; 0 = none) serves Prometheus
-    metrics over HTTP on ``host``. ``auth_token``: calls need ``authorization: Bearer <token>``
-    (kdserve.auth); ``tls``: see kdserve.tls.server_credentials; grpc.health.v1 follows a probe
-    forward (teacher_server.health).
+    The server runs on its own loop thread; the caller's thread is free. ``workers``: threads for
+    the synchronous grpc.health.v1 servicer. ``metrics_port`` (default: the engine config's
+    ``metrics_port``; 0 = none) serves Prometheus metrics over HTTP on ``host``. ``auth_token``:
+    calls need ``authorization: Bearer <token>`` (kdserve.auth); ``tls``: see
+    kdserve.tls.server_credentials; ``interceptors``: more ``grpc.aio.ServerInterceptor``s after
+    the auth check; grpc.health.v1 follows a probe forward (teacher_server.health).
     """
+    with serving(engine, port, host, workers, metrics_port, auth_token=auth_token, tls=tls,
+                 allow_unauthenticated_describe=allow_unauthenticated_describe, interceptors=interceptors,
+                 health_interval_s=health_interval_s) as (bound, _):
+        yield bound
+
+
+@contextlib.contextmanager
+def serving(
+    engine: TeacherEngine, port: int = 0, host: str = "127.0.0.1", workers: int = 8, metrics_port: int | None = None,
+    *, auth_token: str | None = None, allow_unauthenticated_describe: bool = False,
+    tls: grpc.ServerCredentials | None = None, interceptors: Sequence = (), health_interval_s: float = 30.0,
+    servicer_cls: type[Servicer] | None = None,
+) -> Iterator[tuple[int, Servicer]]:
+    """``run_server``, yielding (port, servicer): for tests that look into the queue, or a subclass
+    (``servicer_cls``, default ``Servicer``)."""
     chain = [*auth.interceptors(auth_token, allow_unauthenticated_describe), *interceptors]
-    servicer = Servicer(engine)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS, interceptors=chain)
-    add_servicer(servicer, server)
+    home = _LoopThread()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdserve-health")
     reporter = HealthReporter(engine, health_interval_s)
+    http = None
+    try:
+        start = _start((servicer_cls or Servicer)(engine), f"{host}:{port}", tls, chain, pool, reporter)
+        servicer, server, bound = home.submit(start).result()
+        if bound == 0:
+            raise OSError(f"cannot bind {host}:{port}")
+        metrics_port = engine.cfg.metrics_port if metrics_port is None else metrics_port
+        if metrics_port:
+            import prometheus_client
+
+            http, _ = prometheus_client.start_http_server(metrics_port, addr=host)
+        reporter.start()
+        home.submit(server.start()).result()
+        try:
+            yield bound, servicer
+        finally:
+            reporter.stop()
+            home.submit(server.stop(grace=2)).result()
+    finally:
+        home.close()
+        pool.shutdown(wait=False, cancel_futures=True)
+        if http is not None:
+            http.shutdown()
+            http.server_close()
+
+
+async def _start(servicer, address, tls, chain, pool, reporter) -> tuple[Servicer, grpc.aio.Server, int]:
+    """Built on the loop thread: a grpc.aio server belongs to the loop it was created on."""
+    server = grpc.aio.server(migration_thread_pool=pool, options=SERVER_OPTIONS, interceptors=chain)
+    add_servicer(servicer, server)
     reporter.add_to_server(server)
-    address = f"{host}:{port}"
     try:
         bound = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
     except RuntimeError:  # grpcio raises on a port in use
         bound = 0
-    if bound == 0:
-        servicer.close()
-        raise OSError(f"cannot bind {host}:{port}")
-    metrics_port = engine.cfg.metrics_port if metrics_port is None else metrics_port
-    http = None
-    if metrics_port:
-        import prometheus_client
-
-        http, _ = prometheus_client.start_http_server(metrics_port, addr=host)
-    reporter.start()
-    server.start()
-    try:
-        yield bound
-    finally:
-        reporter.stop()
-        server.stop(grace=2).wait()
-        servicer.close()
-        if http is not None:
-            http.shutdown()
-            http.server_close()
+    return servicer, server, bound

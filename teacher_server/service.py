@@ -187,7 +187,7 @@ class TeacherService:
         """Split along the batch into chunks of about ``stream_chunk_bytes`` (at least one sample);
         ``encoded``: as reply_wire.EncodedReply, like ``reply``."""
         b = batch_size(work.inputs)
-        per_sample = max(1, sum(_nbytes(v) for v in outputs.values()) // b)
+        per_sample = max(1, payload_nbytes(outputs) // b)
         step = max(1, self.cfg.stream_chunk_bytes // per_sample)
         starts = list(range(0, b, step))
         keys = list(request.sample_keys)
@@ -212,10 +212,15 @@ def _parts(outputs: dict, sl: slice | None):
             yield name, (v if sl is None else v[sl]), None
 
 
+def payload_nbytes(outputs: dict) -> int:
+    """Tensor bytes (int8 scales included) that ``outputs`` put on the wire."""
+    return sum(_nbytes(v) for v in outputs.values())
+
+
 def _nbytes(v) -> int:
     if isinstance(v, Quantized):
         return v.q.numel() + 4 * v.scales.numel()
     return v.numel() * v.element_size()
 
 
-__all__ = ["TeacherService", "status_of"]
+__all__ = ["TeacherService", "payload_nbytes", "status_of"]

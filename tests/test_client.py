@@ -33,7 +33,7 @@ from student_workers.client import (
     estimate_reply_bytes,
 )
 from teacher_server.engine import Quantized, TeacherEngine, Work
-from teacher_server.grpc_server import SERVER_OPTIONS, Servicer, add_servicer, run_server
+from teacher_server.grpc_server import Servicer, run_server, serving
 from teacher_server.spec import resolve_spec
 from tests.conftest import free_port, tiny_vit_config
 
@@ -322,26 +322,19 @@ class RecordingServicer(Servicer):
     def _record(self, name: str, context, experiment_id: str = "") -> None:
         self.calls.append((name, dict(context.invocation_metadata()), experiment_id))
 
-    def Describe(self, request, context):
+    async def Describe(self, request, context):
         self._record("Describe", context)
-        return super().Describe(request, context)
+        return await super().Describe(request, context)
 
-    def GetTargets(self, request, context):
+    async def GetTargets(self, request, context):
         self._record("GetTargets", context, request.experiment_id)
-        return super().GetTargets(request, context)
+        return await super().GetTargets(request, context)
 
 
 @contextlib.contextmanager
 def recording_server(engine: TeacherEngine) -> Iterator[tuple[int, RecordingServicer]]:
-    servicer = RecordingServicer(engine)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=SERVER_OPTIONS)
-    add_servicer(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with serving(engine, servicer_cls=RecordingServicer) as (port, servicer):
         yield port, servicer
-    finally:
-        server.stop(grace=1).wait()
 
 
 def test_app_path_sends_application_metadata(vit_engine):

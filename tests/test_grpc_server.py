@@ -110,27 +110,18 @@ import contextlib  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
-from concurrent import futures  # noqa: E402
 
-from teacher_server.grpc_server import SERVER_OPTIONS, Servicer, add_servicer  # noqa: E402
+from teacher_server.grpc_server import serving  # noqa: E402
 from teacher_server.metrics import ExperimentLabels, sanitize  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 
 @contextlib.contextmanager
 def _servicer_server(engine):
-    """run_server's own parts, keeping a handle on the servicer to see its queue."""
-    servicer = Servicer(engine)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=SERVER_OPTIONS)
-    add_servicer(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    """run_server, keeping a handle on the servicer to see its queue."""
+    with serving(engine) as (port, servicer):
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=wire.CHANNEL_OPTIONS) as ch:
             yield servicer, pb_grpc.TeacherServiceStub(ch)
-    finally:
-        server.stop(grace=1).wait()
-        servicer.close()
 
 
 def _until(cond, what: str, limit: float = 20.0):
@@ -222,6 +213,7 @@ def test_request_past_its_deadline_is_never_computed(minilm_engine, monkeypatch)
     spec = wire.target_spec(hidden={"text": [1]})
     results: dict = {}
     with _servicer_server(minilm_engine) as (servicer, stub):
+        forwards.clear()  # the health probe's forward at start
         with _held(minilm_engine, servicer, stub, results):
             late = wire.build_request({"input_ids": _text(5, 13)}, spec, experiment_id="late")
             _call(stub, late, results, "late", timeout=0.3)  # gives up while queued

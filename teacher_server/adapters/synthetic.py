@@ -95,6 +95,14 @@ class _Tables(nn.Module):
         self.register_buffer("q", torch.randn(1, t, generator=g), persistent=False)  # (1, T)
         self.register_buffer("bias", torch.randn(c.classes, generator=g), persistent=False)  # (C,)
         self.register_buffer("direction", torch.randn(c.classes, generator=g), persistent=False)  # (C,)
+        self._layers: dict[int, torch.Tensor] = {}
+
+    def layer(self, l: int) -> torch.Tensor:
+        """(T, D) ``base + (l / L) * depth``, computed once per layer."""
+        h = self._layers.get(l)
+        if h is None or h.device != self.base.device:
+            h = self._layers[l] = self.base + (l / int(self.config[0])) * self.depth
+        return h
 
 
 class SyntheticTeacher(TeacherAdapter):
@@ -144,12 +152,14 @@ class SyntheticTeacher(TeacherAdapter):
         att = attention.get(self.module, set())
         b, t = self._shape(inputs)
         deepest = c.layers if logits else max(hid | att, default=0)
-        self.sleep((c.latency_ms * deepest / c.layers + c.sample_ms * b) / 1e3)
+        wait_s = (c.latency_ms * deepest / c.layers + c.sample_ms * b) / 1e3
+        if wait_s > 0:  # sleep(0) would still give the CPU away
+            self.sleep(wait_s)
         a = self.sample_scalar(inputs).to(m.base.device)  # (B,)
         cap = Capture()
         for l in hid:
-            h = m.base[:t] + (l / c.layers) * m.depth[:t]  # (T, D)
-            cap.hidden[(self.module, l)] = h + a[:, None, None] * m.pattern[:t]  # (B, T, D)
+            # one pass over the (B, T, D) output: a real forward's cost is the sleep above
+            cap.hidden[(self.module, l)] = torch.addcmul(m.layer(l)[:t], a[:, None, None], m.pattern[:t])
         for l in att:
             s = (m.u[:, :t] * m.v[..., :t]) * (1 + l / c.layers)  # (H, T, T)
             s = s + a[:, None, None, None] * (m.p[:t] * m.q[:, :t])  # (B, H, T, T)

@@ -14,9 +14,11 @@ Inputs
     different specs are batched by Triton and answered separately.
 
 Output
-    ``targets`` (BYTES, one element per sample): row i is a serialized ``kdserve.v1.TargetsReply``
-    holding sample i's outputs (``sample_offset`` = i, ``num_chunks`` = B), exactly the chunks
-    ``StreamTargets`` would send with one sample per chunk. A fixed set of named Triton outputs
+    ``targets`` (UINT8, shape ``[1, N]``): B rows, each a 4-byte little-endian length followed by
+    a serialized ``kdserve.v1.TargetsReply`` (the byte layout of a Triton BYTES tensor, written by
+    the model in one pass; a BYTES output would cost the Python backend three more copies of
+    every reply). Row i holds sample i's outputs (``sample_offset`` = i, ``num_chunks`` = B),
+    exactly the chunks ``StreamTargets`` would send with one sample per chunk. A fixed set of named Triton outputs
     cannot carry what a spec chooses per request (which layers, reductions, dtype, int8 scales)
     nor the fingerprint; a serialized reply carries all of it, is produced by the SAME
     ``TeacherService`` code as the gRPC and Ray Serve frontends, and the client turns the rows

@@ -36,6 +36,22 @@ def _add_paths(paths) -> None:
             sys.path.insert(0, p)
 
 
+def frame(rows) -> np.ndarray:
+    """reply_wire.EncodedReply rows -> (1, N) uint8: each row's 4-byte little-endian length, then its
+    bytes (the layout of a Triton BYTES tensor). Written straight from each row's parts: a BYTES
+    output would make pb_utils join the rows and numpy copy them twice more."""
+    out = np.empty(sum(4 + r.nbytes for r in rows), np.uint8)
+    i = 0
+    for r in rows:
+        out[i:i + 4] = np.frombuffer(r.nbytes.to_bytes(4, "little"), np.uint8)
+        i += 4
+        for p in r.parts:
+            p = np.frombuffer(p, np.uint8)
+            out[i:i + p.size] = p
+            i += p.size
+    return out.reshape(1, -1)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         model_dir = Path(args["model_repository"])
@@ -145,12 +161,11 @@ class TritonPythonModel:
             else:
                 for (i, msg, work), outputs in zip(accepted, results):
                     try:
-                        # one row per sample, each built as wire bytes with one copy per tensor
-                        # (kdserve.reply_wire; a message's SerializeToString copies twice more)
-                        rows = [c.data for c in self.service.chunks(msg, work, outputs, stats, queue_ms, encoded=True)]
-                        out = np.empty((len(rows), 1), dtype=np.object_)
-                        out[:, 0] = rows
-                        responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(TARGETS_OUTPUT, out)])
+                        # one row per sample, each built as wire bytes (kdserve.reply_wire), framed
+                        # into one UINT8 array: each tensor's bytes copied once
+                        rows = self.service.chunks(msg, work, outputs, stats, queue_ms, encoded=True)
+                        out = pb_utils.Tensor(TARGETS_OUTPUT, frame(list(rows)))
+                        responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
                     except Exception as e:
                         responses[i] = self._error(e)
         return responses

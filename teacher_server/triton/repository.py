@@ -80,7 +80,7 @@ def model_config(info, cfg: TeacherConfig, name: str = MODEL_NAME, instance_kind
             optional=not i.required,
         )
     c.input.add(name=REQUEST_INPUT, data_type=mc.TYPE_STRING, dims=[1])
-    c.output.add(name=TARGETS_OUTPUT, data_type=mc.TYPE_STRING, dims=[1])
+    c.output.add(name=TARGETS_OUTPUT, data_type=mc.TYPE_UINT8, dims=[-1])  # framed rows (triton/__init__.py)
     kind = {"cpu": "KIND_CPU", "gpu": "KIND_GPU", "model": "KIND_MODEL"}[instance_kind]
     c.instance_group.add(count=instances or cfg.num_replicas, kind=mc.ModelInstanceGroup.Kind.Value(kind))
     c.parameters[INFO_PARAMETER].string_value = json_format.MessageToJson(

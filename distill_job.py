@@ -89,7 +89,12 @@ def check_job(cfg):
     on the meta device) and raises ``ConfigError`` with one line naming the field to fix.
     """
     if cfg.teacher.address:  # fail fast, before starting a cluster, when the teacher is not there
-        info = describe(cfg.teacher.address, cfg)
+        from kdserve.config import ConfigError
+
+        try:
+            info = describe(cfg.teacher.address, cfg)
+        except ValueError as e:  # an address no transport takes (scheme, path, TLS options)
+            raise ConfigError(f"teacher.address: {_one_line(e)}") from None
     else:
         from teacher_server.validate import describe_config
 

@@ -103,6 +103,15 @@ def test_bad_config_key_is_a_one_line_error(tmp_path):
     assert "train.learning_rate: unknown key" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_unknown_address_scheme_is_a_one_line_error():
+    r = subprocess.run([sys.executable, "distill_job.py", "--config", "configs/quickstart.yaml",
+                        "--set", "teacher.address=htp://127.0.0.1:1"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: teacher.address:") and "'htp'" in last and "Traceback" not in r.stderr
+
+
 @pytest.fixture
 def head_node(tmp_path):
     """A separate `ray start --head` cluster with a job server, stopped at the end."""

@@ -11,6 +11,7 @@ move to a device. Decoded tensors share memory with the read bytes: treat them a
 """
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from typing import Mapping
@@ -20,6 +21,12 @@ import torch
 
 from kdserve.targets import dequantize_int8
 from kdserve.v1 import teacher_pb2 as pb
+
+# Decoded tensors share the received (immutable) bytes, and torch warns that such an array is not
+# writable. Targets are read-only by contract, and copying to silence it would double the cost of
+# decoding: that one warning is filtered (once, here: a catch_warnings() per tensor costs more than
+# the decode and is not thread-safe).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 # bfloat16 has no numpy dtype: it travels as its uint16 bit pattern and is re-viewed in torch.
 _NUMPY = {
@@ -98,7 +105,7 @@ def nbytes(msg: pb.Tensor) -> int:
     dt = _NUMPY.get(msg.dtype)
     if dt is None:
         return len(msg.data) + len(msg.scales)
-    return int(np.prod(msg.shape, dtype=np.int64)) * dt.itemsize + len(msg.scales)
+    return math.prod(int(d) for d in msg.shape) * dt.itemsize + len(msg.scales)
 
 
 def to_numpy(msg: pb.Tensor) -> np.ndarray:
@@ -109,7 +116,7 @@ def to_numpy(msg: pb.Tensor) -> np.ndarray:
     shape = tuple(int(d) for d in msg.shape)
     if any(d < 0 for d in shape):
         raise CodecError(f"negative dimension in shape {list(shape)}")
-    expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    expected = math.prod(shape) * dt.itemsize
     data = msg.data  # one read: each read of a bytes field is a copy
     if len(data) != expected:
         raise CodecError(
@@ -124,21 +131,15 @@ def decode(msg: pb.Tensor, dequantize: bool = True) -> torch.Tensor:
     int8 with scales is dequantised to float32 when ``dequantize`` (the one copy).
     """
     arr = to_numpy(msg)
-    with warnings.catch_warnings():
-        # The bytes are immutable; torch warns that the tensor is not writable. Targets are
-        # read-only by contract, and copying to silence it would double decode cost.
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(arr)
+    t = torch.from_numpy(arr)  # shares the bytes (the not-writable warning is filtered above)
     if msg.dtype == "bfloat16":
         t = t.view(torch.bfloat16)
     if msg.scales and dequantize:
         scales = np.frombuffer(msg.scales, dtype="<f4")
-        rows = int(np.prod(arr.shape[:-1], dtype=np.int64)) if arr.ndim else 1
+        rows = math.prod(arr.shape[:-1]) if arr.ndim else 1
         if scales.size != rows:
             raise CodecError(f"int8 tensor of shape {list(arr.shape)} needs {rows} scales, got {scales.size}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            s = torch.from_numpy(scales).reshape(arr.shape[:-1])
+        s = torch.from_numpy(scales).reshape(arr.shape[:-1])
         return dequantize_int8(t, s)
     return t
 

@@ -274,5 +274,20 @@ def _parse(data: bytes) -> WireReply:
     return WireReply(data, header, outputs)
 
 
+def split_field(data: bytes, field: int) -> tuple[bytes, list[memoryview]]:
+    """A message's wire bytes -> (the bytes of every other field, views of each occurrence of the
+    length-delimited ``field``): for any message whose one big bytes field should not be copied
+    (e.g. Triton's ``ModelInferResponse.raw_output_contents``). Raises WireError."""
+    buf = memoryview(data)
+    rest: list[memoryview] = []
+    found: list[memoryview] = []
+    for f, kind, value, start, stop in _fields(buf, 0, len(buf)):
+        if f == field and kind == 2:
+            found.append(buf[value[0]:value[1]])
+        else:
+            rest.append(buf[start:stop])
+    return b"".join(rest), found
+
+
 __all__ = ["EncodedReply", "WireError", "WireReply", "WireTensor", "encode_reply", "entry_parts", "identity",
-           "parse_reply", "tensor_parts", "varint"]
+           "parse_reply", "split_field", "tensor_parts", "varint"]

@@ -219,6 +219,7 @@ class GrpcTransport(Transport):
         )
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.TeacherServiceStub | None = None
+        self._rpcs: dict[tuple[grpc.aio.Channel, str], Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pid = 0
         self._closing: set[asyncio.Task] = set()
@@ -259,6 +260,7 @@ class GrpcTransport(Transport):
         if self._channel is not failed:
             return
         self._channel = self._stub = None
+        self._rpcs = {}
         task = asyncio.ensure_future(failed.close(grace=1.0))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
@@ -280,9 +282,14 @@ class GrpcTransport(Transport):
     # Replies arrive as bytes and are read by reply_wire.parse_reply: the tensors stay views of
     # the received bytes (protobuf's parser would copy each one, and each read of ``.data`` again).
     def _raw(self, channel: grpc.aio.Channel, method: str, stream: bool):
-        make = channel.unary_stream if stream else channel.unary_unary
-        return make(f"/{_SERVICE}/{method}", request_serializer=pb.TargetsRequest.SerializeToString,
-                    response_deserializer=None)
+        rpc = self._rpcs.get((channel, method))
+        if rpc is None:  # one multi-callable per channel and method, not one per call
+            make = channel.unary_stream if stream else channel.unary_unary
+            rpc = make(f"/{_SERVICE}/{method}", request_serializer=pb.TargetsRequest.SerializeToString,
+                       response_deserializer=None)
+            self._rpcs = {k: v for k, v in self._rpcs.items() if k[0] is channel}  # drop a replaced channel's
+            self._rpcs[(channel, method)] = rpc
+        return rpc
 
     def _parse(self, data: bytes) -> reply_wire.WireReply:
         try:
@@ -306,7 +313,7 @@ class GrpcTransport(Transport):
         return [self._parse(c) for c in await self._call(collect)]
 
     async def close(self) -> None:
-        channel, self._channel, self._stub = self._channel, None, None
+        channel, self._channel, self._stub, self._rpcs = self._channel, None, None, {}
         if channel is not None and self._loop is asyncio.get_running_loop() and self._pid == os.getpid():
             await channel.close()
         if self._closing:

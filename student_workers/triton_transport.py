@@ -3,8 +3,7 @@
 ``TeacherClient("triton://host:8001/kdserve_teacher")`` picks it by the address scheme
 (``student_workers.client.make_transport`` imports this module on first use). Retries, deadlines,
 the fingerprint check and decoding stay in ``TeacherClient``: this module only maps kdserve's
-messages onto Triton's KServe v2 gRPC API (``tritonclient.grpc.aio``), as the server side
-(teacher_server/triton) defines it:
+messages onto Triton's KServe v2 gRPC API, as the server side (teacher_server/triton) defines it:
 
 * Describe: the model config parameter ``kdserve.teacher_info`` (TeacherInfo as JSON);
 * GetTargets: one ``ModelInfer`` with the input tensors, plus ``request`` (one serialized
@@ -12,8 +11,14 @@ messages onto Triton's KServe v2 gRPC API (``tritonclient.grpc.aio``), as the se
   sample, joined here into one reply by concatenating each tensor's bytes;
 * StreamTargets: the same call with the request parameter ``kdserve_stream`` (Triton has no
   server streaming; the answer is one message of at most ~2 GiB);
-* errors: Triton's ``InferenceServerException`` becomes ``TeacherError`` with the gRPC status
-  code (UNAVAILABLE and DEADLINE_EXCEEDED are retried by the client, as with the gRPC transport).
+* errors: gRPC statuses become ``TeacherError`` with the same code (UNAVAILABLE and
+  DEADLINE_EXCEEDED are retried by the client, as with the gRPC transport).
+
+The calls go through grpc.aio with Triton's own generated messages (``tritonclient.grpc.service_pb2``),
+not ``tritonclient.grpc.aio``'s client: its ``ModelInfer`` parses the whole response with protobuf
+(a copy of every output) and each read of ``raw_output_contents`` copies it again. Here the
+response arrives as bytes and the outputs are read as views of them (``reply_wire.split_field``),
+as the kdserve gRPC transport reads its replies (``bench`` P4 measures both).
 """
 from __future__ import annotations
 
@@ -21,16 +26,13 @@ import asyncio
 import itertools
 import os
 import struct
-from typing import Any, Awaitable, Callable, Iterable, TypeVar
+from typing import Any, Iterable
 
 import grpc
-import numpy as np
 from google.protobuf import json_format
 
 try:
-    import tritonclient.grpc.aio as triton_aio
-    from tritonclient.grpc import InferInput, InferRequestedOutput
-    from tritonclient.utils import InferenceServerException
+    from tritonclient.grpc import service_pb2 as tpb
 except ImportError as e:  # pragma: no cover - the triton extra is missing
     raise ImportError(
         "triton:// teacher addresses need tritonclient[grpc]: pip install 'kdserve[triton]'"
@@ -49,17 +51,24 @@ from kdserve.triton_wire import (
     TRITON_DTYPES,
 )
 
-T = TypeVar("T")
 _REQUEST_IDS = itertools.count(1)
 
 
-def status_code(exc: InferenceServerException) -> grpc.StatusCode:
-    """tritonclient's status string ("StatusCode.UNAVAILABLE") -> grpc.StatusCode, with kdserve's
-    RESOURCE_EXHAUSTED restored from the message tag (Triton has no such code)."""
-    if (exc.message() or "").startswith(RESOURCE_EXHAUSTED_TAG):
+_SERVICE = "/inference.GRPCInferenceService"
+_RAW_OUTPUT_CONTENTS = tpb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
+
+
+def status_code(code: grpc.StatusCode, details: str) -> grpc.StatusCode:
+    """Triton's status for a call, with kdserve's RESOURCE_EXHAUSTED restored from the message tag
+    (Triton has no such code for per-request errors)."""
+    if (details or "").startswith(RESOURCE_EXHAUSTED_TAG):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    name = (exc.status() or "").rpartition(".")[2]
-    return getattr(grpc.StatusCode, name, grpc.StatusCode.UNKNOWN)
+    return code
+
+
+def frame_bytes(rows: Iterable[bytes]) -> bytes:
+    """Triton's BYTES tensor encoding: a 4-byte little-endian length before each element."""
+    return b"".join(struct.pack("<I", len(r)) + r for r in rows)
 
 
 def split_bytes_tensor(raw: bytes | memoryview) -> list[memoryview]:
@@ -113,10 +122,10 @@ class TritonTransport(Transport):
         self.model = model
         self.version = version
         self.address = address or f"triton://{target}/{model}" + (f"/{version}" if version else "")
-        # Triton and tritonclient allow ~2 GiB messages; grpcio's own 4 MiB default must not apply:
-        # the options raise both directions and give each channel its own subchannel pool.
+        # Triton allows ~2 GiB messages; grpcio's own 4 MiB default must not apply: the options
+        # raise both directions and give each channel its own subchannel pool.
         self.channel_args = list(channel_args)
-        self._client: triton_aio.InferenceServerClient | None = None
+        self._channel: grpc.aio.Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pid = 0
         self._closing: set[asyncio.Task] = set()
@@ -132,39 +141,43 @@ class TritonTransport(Transport):
         return cls(parts.netloc, model, version, address=f"triton://{rest}", **kwargs)
 
     # -- connection ------------------------------------------------------------------------
-    def _client_here(self) -> triton_aio.InferenceServerClient:
-        """The client of this loop and process, created on first use (never shared across them)."""
+    def _channel_here(self) -> grpc.aio.Channel:
+        """The channel of this loop and process, created on first use (never shared across them)."""
         loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop or self._pid != os.getpid():
-            self._client = triton_aio.InferenceServerClient(self.target, channel_args=self.channel_args)
+        if self._channel is None or self._loop is not loop or self._pid != os.getpid():
+            self._channel = grpc.aio.insecure_channel(self.target, options=self.channel_args)
             self._loop, self._pid = loop, os.getpid()
-        return self._client
+        return self._channel
 
-    def _reconnect(self, failed: triton_aio.InferenceServerClient) -> None:
-        """Drop the client whose call answered UNAVAILABLE; the next call dials afresh."""
-        if self._client is not failed:
+    def _reconnect(self, failed: grpc.aio.Channel) -> None:
+        """Drop the channel whose call answered UNAVAILABLE; the next call dials afresh."""
+        if self._channel is not failed:
             return
-        self._client = None
-        task = asyncio.ensure_future(failed._channel.close(grace=1.0))
+        self._channel = None
+        task = asyncio.ensure_future(failed.close(grace=1.0))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _call(self, fn: Callable[[triton_aio.InferenceServerClient], Awaitable[T]]) -> T:
-        client = self._client_here()
+    async def _call(self, method: str, request, deserializer, timeout: float):
+        """One unary call of Triton's service; a failed one raises TeacherError with its status."""
+        channel = self._channel_here()
+        rpc = channel.unary_unary(f"{_SERVICE}/{method}", request_serializer=type(request).SerializeToString,
+                                  response_deserializer=deserializer)
         try:
-            return await fn(client)
-        except InferenceServerException as e:
-            code = status_code(e)
-            if code == grpc.StatusCode.UNAVAILABLE:
-                self._reconnect(client)
-            details = e.message() or str(e)
+            return await rpc(request, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                self._reconnect(channel)
+            details = e.details() or ""
+            code = status_code(e.code(), details)
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 details = details.removeprefix(RESOURCE_EXHAUSTED_TAG)
             raise TeacherError(code, details, self.address) from None
 
     # -- the protocol ----------------------------------------------------------------------
     async def describe(self, timeout: float) -> pb.TeacherInfo:
-        resp = await self._call(lambda c: c.get_model_config(self.model, self.version, client_timeout=timeout))
+        resp = await self._call("ModelConfig", tpb.ModelConfigRequest(name=self.model, version=self.version),
+                                tpb.ModelConfigResponse.FromString, timeout)
         param = resp.config.parameters.get(INFO_PARAMETER)
         if param is None or not param.string_value:
             raise TeacherError(
@@ -178,57 +191,56 @@ class TritonTransport(Transport):
         except json_format.ParseError as e:
             raise TeacherError(grpc.StatusCode.DATA_LOSS, f"bad {INFO_PARAMETER} parameter: {e}", self.address) from None
 
-    def _inputs(self, request: pb.TargetsRequest) -> list[InferInput]:
+    def _infer_request(self, request: pb.TargetsRequest, request_id: str, stream: bool) -> "tpb.ModelInferRequest":
         """The request's tensors as Triton inputs, plus one ``request`` header row per sample."""
-        inputs = []
+        msg = tpb.ModelInferRequest(model_name=self.model, model_version=self.version, id=request_id)
         batch = None
         try:
             for name, t in request.inputs.items():
-                if t.dtype == "bfloat16":
-                    raise codec.CodecError(f"inputs[{name!r}]: bfloat16 inputs cannot be sent to Triton")
+                if t.dtype == "bfloat16" or t.dtype not in TRITON_DTYPES:  # numpy (the backend's) has no bfloat16
+                    raise codec.CodecError(f"inputs[{name!r}]: {t.dtype or 'untyped'} inputs cannot be sent to Triton")
                 arr = codec.to_numpy(t)  # checks dtype and length; zero-copy view of the bytes
-                inp = InferInput(name, list(arr.shape), TRITON_DTYPES[t.dtype])
-                inp.set_data_from_numpy(arr)
-                inputs.append(inp)
+                msg.inputs.add(name=name, datatype=TRITON_DTYPES[t.dtype], shape=list(arr.shape))
+                msg.raw_input_contents.append(t.data)
                 if batch is None:
                     batch = int(arr.shape[0]) if arr.ndim else 1
-        except (codec.CodecError, InferenceServerException) as e:
-            msg = e.message() if isinstance(e, InferenceServerException) else str(e)
-            raise TeacherError(grpc.StatusCode.INVALID_ARGUMENT, msg, self.address) from None
+        except codec.CodecError as e:
+            raise TeacherError(grpc.StatusCode.INVALID_ARGUMENT, str(e), self.address) from None
         if batch == 0:  # no row could carry the spec; the server's own words
             raise TeacherError(grpc.StatusCode.INVALID_ARGUMENT, "inputs: batch is empty (dim 0 is 0)", self.address)
         batch = 1 if batch is None else batch
         keys = list(request.sample_keys)
-        rows = np.empty((batch, 1), dtype=np.object_)
+        rows = []
         for i in range(batch):
             # one key per row; a wrong count goes whole into row 0 so the server refuses it as
             # every kdserve frontend does ("sample_keys: 1 keys for 2 samples")
             row_keys = [keys[i]] if len(keys) == batch else (keys if i == 0 else [])
-            rows[i, 0] = pb.TargetsRequest(
+            rows.append(pb.TargetsRequest(
                 experiment_id=request.experiment_id, spec=request.spec, sample_keys=row_keys
-            ).SerializeToString()
-        header = InferInput(REQUEST_INPUT, [batch, 1], "BYTES")
-        header.set_data_from_numpy(rows)
-        return [*inputs, header]
+            ).SerializeToString())
+        msg.inputs.add(name=REQUEST_INPUT, datatype="BYTES", shape=[batch, 1])
+        msg.raw_input_contents.append(frame_bytes(rows))
+        msg.outputs.add(name=TARGETS_OUTPUT)
+        if stream:
+            msg.parameters[STREAM_PARAMETER].bool_param = True
+        return msg
 
     async def _infer(self, request: pb.TargetsRequest, timeout: float, stream: bool) -> pb.TargetsReply:
-        inputs = self._inputs(request)
         # Triton echoes the id (and names it in its error messages and logs): the answer must be ours.
         request_id = f"{request.experiment_id or 'kdserve'}-{os.getpid()}-{next(_REQUEST_IDS)}"
-        result = await self._call(lambda c: c.infer(
-            self.model, inputs, self.version, outputs=[InferRequestedOutput(TARGETS_OUTPUT)], request_id=request_id,
-            client_timeout=timeout, parameters={STREAM_PARAMETER: True} if stream else None,
-        ))
-        response = result.get_response()
+        data = await self._call("ModelInfer", self._infer_request(request, request_id, stream), None, timeout)
+        try:
+            rest, raw = reply_wire.split_field(data, _RAW_OUTPUT_CONTENTS)
+            response = tpb.ModelInferResponse.FromString(rest)  # everything but the outputs' bytes
+        except Exception as e:  # WireError, protobuf DecodeError
+            raise TeacherError(grpc.StatusCode.DATA_LOSS, f"malformed ModelInfer response: {e}", self.address) from None
         if response.id != request_id:
             raise TeacherError(
                 grpc.StatusCode.DATA_LOSS, f"answer to request {response.id!r} received for {request_id!r}", self.address
             )
         try:
             idx = [o.name for o in response.outputs].index(TARGETS_OUTPUT)
-            # read once (each read of a bytes field copies); rows are parsed as views of it
-            raw = response.raw_output_contents[idx]
-            rows = [reply_wire.parse_reply(v) for v in split_bytes_tensor(raw)]
+            rows = [reply_wire.parse_reply(v) for v in split_bytes_tensor(raw[idx])]  # views of ``data``
             return join_rows(rows)
         except Exception as e:  # ValueError, IndexError, protobuf DecodeError
             raise TeacherError(
@@ -242,11 +254,11 @@ class TritonTransport(Transport):
         return [await self._infer(request, timeout, stream=True)]
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None and self._loop is asyncio.get_running_loop() and self._pid == os.getpid():
-            await client.close()
+        channel, self._channel = self._channel, None
+        if channel is not None and self._loop is asyncio.get_running_loop() and self._pid == os.getpid():
+            await channel.close()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
 
-__all__ = ["TritonTransport", "join_rows", "split_bytes_tensor", "status_code"]
+__all__ = ["TritonTransport", "frame_bytes", "join_rows", "split_bytes_tensor", "status_code"]

@@ -6,6 +6,8 @@ identical targets.
 """
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import threading
@@ -187,9 +189,10 @@ class TeacherEngine:
         want_logits = any(w.spec.logits for w in group)
         inputs, lengths = _collate(group, self._paddable)
         inputs = {n: t.to(self.device) for n, t in inputs.items()}
-        with torch.inference_mode(), torch.autocast(
-            self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None
-        ):
+        # no autocast context at all without amp: entering a disabled one still costs per forward
+        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+               else contextlib.nullcontext())
+        with torch.inference_mode(), amp:
             cap = self.adapter.forward(inputs, hidden, attention, want_logits)
         out, start = [], 0
         for w, T in zip(group, lengths):
@@ -233,21 +236,28 @@ def _collate(group: list[Work], paddable: frozenset[str]) -> tuple[dict[str, tor
     first = group[0].inputs
     pad_names = sorted(n for n in paddable if any(n in w.inputs for w in group))
     if not pad_names:
-        return {n: torch.cat([w.inputs[n] for w in group]) for n in first}, [None] * len(group)
+        return {n: _cat([w.inputs[n] for w in group]) for n in first}, [None] * len(group)
     lengths = [next(w.inputs[n].shape[1] for n in pad_names if n in w.inputs) for w in group]
     T = max(lengths)
     if len(set(lengths)) > 1 and "attention_mask" not in pad_names:
         pad_names.append("attention_mask")  # padding must be masked out
-    inputs = {n: torch.cat([w.inputs[n] for w in group]) for n in first if n not in paddable}
+    inputs = {n: _cat([w.inputs[n] for w in group]) for n in first if n not in paddable}
     for n in pad_names:
         parts = []
         for w, t_i in zip(group, lengths):
             t = w.inputs.get(n)
             if t is None:
                 t = torch.full((w.samples, t_i), _DEFAULT_FILL[n], dtype=torch.int64)
-            parts.append(torch.nn.functional.pad(t, (0, T - t_i), value=_PAD_VALUE[n]))  # (b, T)
-        inputs[n] = torch.cat(parts)  # (B, T)
+            if t_i < T:
+                t = torch.nn.functional.pad(t, (0, T - t_i), value=_PAD_VALUE[n])  # (b, T)
+            parts.append(t)
+        inputs[n] = _cat(parts)  # (B, T)
     return inputs, lengths
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` along the batch; a lone request's tensor is used as it is (no copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _reduce(spec: TargetSpec, cap, sl: slice, masks: dict, tokens: dict | None = None) -> dict[str, Output]:

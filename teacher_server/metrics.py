@@ -27,9 +27,20 @@ class ExperimentLabels:
     def __init__(self, cap: int = MAX_EXPERIMENTS):
         self.cap = cap
         self._known: set[str] = set()
+        self._seen: dict[str, str] = {}  # raw id -> its label
         self._lock = threading.Lock()
 
     def __call__(self, experiment: str) -> str:
+        label = self._seen.get(experiment)  # every request asks: no regex, no lock for a known id
+        if label is not None:
+            return label
+        label = self._label(experiment)
+        if len(self._seen) >= 4 * self.cap:
+            self._seen.clear()  # ids beyond the cap keep coming: bounded memory, not a growing map
+        self._seen[experiment] = label
+        return label
+
+    def _label(self, experiment: str) -> str:
         label = sanitize(experiment)
         with self._lock:
             if label in self._known:

@@ -30,6 +30,7 @@ from teacher_server.spec import (
 
 log = logging.getLogger("kdserve.teacher")
 MAX_EXPERIMENT_CHARS = 128
+MAX_CACHED_SPECS = 256
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -84,6 +85,7 @@ class TeacherService:
         self.engine = engine
         self.cfg = cfg or engine.cfg
         self._info: pb.TeacherInfo | None = None
+        self._specs: dict[bytes, object] = {}  # serialized TargetSpec -> resolved (frozen) TargetSpec
 
     def describe(self) -> pb.TeacherInfo:
         """The Describe answer (built once: the engine and its config do not change)."""
@@ -120,7 +122,7 @@ class TeacherService:
         batch = validate_inputs(request.inputs, self.engine.inputs, self.cfg.max_batch_size)
         if request.sample_keys and len(request.sample_keys) != batch:
             raise SpecError(f"sample_keys: {len(request.sample_keys)} keys for {batch} samples")
-        spec = resolve_spec(request.spec, self.engine.modules, self.engine.num_classes)
+        spec = self._resolve(request.spec)
         inputs = {k: codec.decode(v) for k, v in request.inputs.items()}
         check_finite(inputs)
         if not stream:
@@ -133,6 +135,17 @@ class TeacherService:
         work = Work(inputs, spec)
         self.engine.check(work)
         return work
+
+    def _resolve(self, msg: pb.TargetSpec):
+        """``resolve_spec`` once per distinct spec: an experiment sends the same spec every step."""
+        key = msg.SerializeToString(deterministic=True)
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = resolve_spec(msg, self.engine.modules, self.engine.num_classes)  # raises SpecError
+            if len(self._specs) >= MAX_CACHED_SPECS:
+                self._specs.clear()  # many distinct specs: start over rather than grow
+            self._specs[key] = spec
+        return spec
 
     def estimate_reply_bytes(self, spec: pb.TargetSpec, inputs: dict[str, torch.Tensor]) -> int:
         """Exact size of the outputs' data, known before any compute (kdserve.limits: the client's formula)."""

@@ -247,3 +247,38 @@ def test_clip_towers_as_teachers(model_type, kwargs, inputs):
         ref = engine.adapter.model(**{k: (v - engine.adapter.mean) / engine.adapter.std if k == "pixel_values" else v
                                        for k, v in x.items()}, output_hidden_states=True).hidden_states
     torch.testing.assert_close(out[f"hidden.{m.name}.2"], ref[2], rtol=1e-5, atol=1e-5)
+
+
+def test_service_resolves_each_distinct_spec_once_and_still_refuses_bad_ones():
+    from kdserve.teacher_config import TeacherConfig
+    from kdserve.wire import build_request, target_spec
+    from teacher_server import service as service_mod
+    from teacher_server.spec import SpecError
+
+    text = "synthetic:input=text,layers=3,dim=6,heads=3,classes=4,vocab=50,max_len=16,latency_ms=0"
+    svc = service_mod.TeacherService(TeacherEngine.from_config(TeacherConfig(model=text, device="cpu")))
+    ids = {"input_ids": torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))}
+    a = svc.prepare(build_request(ids, target_spec(hidden={"": [1, -1]}), experiment_id="a"))
+    b = svc.prepare(build_request(ids, target_spec(hidden={"": [1, 3]}), experiment_id="b"))
+    assert a.spec.hidden == b.spec.hidden == (("text", (1, 3)),)  # -1 resolved to the last block
+    again = svc.prepare(build_request(ids, target_spec(hidden={"": [1, -1]}), experiment_id="c"))
+    assert again.spec is a.spec  # the same spec bytes: resolved once
+    for _ in range(2):  # a refused spec is never cached as good
+        with pytest.raises(SpecError, match="layer 9 is out of range"):
+            svc.prepare(build_request(ids, target_spec(hidden={"": [9]})))
+    for k in range(service_mod.MAX_CACHED_SPECS + 5):  # many distinct specs: bounded
+        svc.prepare(build_request(ids, target_spec(logits=True, logits_top_k=1 + k % 4, dtype="float16" if k % 2 else "float32",
+                                                   data2vec_eps=1e-6 * (k + 1))))
+    assert len(svc._specs) <= service_mod.MAX_CACHED_SPECS
+
+
+def test_experiment_labels_are_stable_bounded_and_capped():
+    from teacher_server.metrics import ExperimentLabels
+
+    labels = ExperimentLabels(cap=2)
+    assert labels("exp/1") == "exp_1" and labels("b") == "b"
+    assert labels("c") == "other"  # over the cap
+    for k in range(50):
+        labels(f"flood-{k}")
+    assert len(labels._seen) <= 4 * labels.cap
+    assert labels("exp/1") == "exp_1" and labels("b") == "b" and labels("c") == "other"

@@ -155,3 +155,19 @@ def test_parse_reply_accepts_unpacked_shape_and_unknown_fields():
 def test_parse_reply_refuses_malformed_bytes(data):
     with pytest.raises(WireError):
         parse_reply(data)
+
+
+def test_split_field_views_one_field_and_keeps_the_rest():
+    from kdserve.reply_wire import split_field
+
+    msg = pb.TargetsRequest(experiment_id="exp", sample_keys=["a", "bc", ""], spec=target_spec(logits=True))
+    number = pb.TargetsRequest.DESCRIPTOR.fields_by_name["sample_keys"].number
+    rest, found = split_field(msg.SerializeToString(), number)
+    assert [bytes(v) for v in found] == [b"a", b"bc", b""]  # every occurrence, in order
+    assert all(isinstance(v, memoryview) for v in found)
+    expect = pb.TargetsRequest()
+    expect.CopyFrom(msg)
+    del expect.sample_keys[:]
+    assert pb.TargetsRequest.FromString(rest) == expect
+    with pytest.raises(WireError):
+        split_field(msg.SerializeToString()[:-1], number)  # a length that runs past the end

@@ -293,3 +293,21 @@ def test_short_distillation_against_triton(address):
     assert len(losses) == steps
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < 0.8 * first, losses
+
+
+def test_infer_response_is_read_without_protobuf_copies_and_matches_it():
+    from tritonclient.grpc import service_pb2 as tpb
+
+    from kdserve.reply_wire import split_field
+    from student_workers.triton_transport import _RAW_OUTPUT_CONTENTS, frame_bytes, split_bytes_tensor
+
+    rows = [b"first", b"", b"x" * 300]
+    resp = tpb.ModelInferResponse(model_name=MODEL_NAME, id="exp-1-7", raw_output_contents=[b"\x01\x02", frame_bytes(rows)])
+    resp.outputs.add(name="other", datatype="UINT8", shape=[1, 2])
+    resp.outputs.add(name="targets", datatype="UINT8", shape=[1, 4 * 3 + 305])
+    rest, raw = split_field(resp.SerializeToString(), _RAW_OUTPUT_CONTENTS)
+    assert [bytes(r) for r in raw] == list(resp.raw_output_contents)
+    header = tpb.ModelInferResponse.FromString(rest)
+    assert header.id == "exp-1-7" and [o.name for o in header.outputs] == ["other", "targets"]
+    assert not header.raw_output_contents
+    assert [bytes(v) for v in split_bytes_tensor(raw[1])] == rows

@@ -219,7 +219,7 @@ class GrpcTransport(Transport):
         )
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.TeacherServiceStub | None = None
-        self._rpcs: dict[tuple[grpc.aio.Channel, str], Any] = {}
+        self._rpcs: dict[str, Any] = {}  # method -> multi-callable of self._channel
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pid = 0
         self._closing: set[asyncio.Task] = set()
@@ -248,6 +248,7 @@ class GrpcTransport(Transport):
             else:
                 self._channel = grpc.aio.insecure_channel(self.target, options=self.options)
             self._stub = pb_grpc.TeacherServiceStub(self._channel)
+            self._rpcs = {}
             self._loop, self._pid = loop, os.getpid()
         return self._channel, self._stub  # type: ignore[return-value]
 
@@ -282,13 +283,11 @@ class GrpcTransport(Transport):
     # Replies arrive as bytes and are read by reply_wire.parse_reply: the tensors stay views of
     # the received bytes (protobuf's parser would copy each one, and each read of ``.data`` again).
     def _raw(self, channel: grpc.aio.Channel, method: str, stream: bool):
-        rpc = self._rpcs.get((channel, method))
+        rpc = self._rpcs.get(method)
         if rpc is None:  # one multi-callable per channel and method, not one per call
             make = channel.unary_stream if stream else channel.unary_unary
-            rpc = make(f"/{_SERVICE}/{method}", request_serializer=pb.TargetsRequest.SerializeToString,
-                       response_deserializer=None)
-            self._rpcs = {k: v for k, v in self._rpcs.items() if k[0] is channel}  # drop a replaced channel's
-            self._rpcs[(channel, method)] = rpc
+            rpc = self._rpcs[method] = make(f"/{_SERVICE}/{method}", response_deserializer=None,
+                                            request_serializer=pb.TargetsRequest.SerializeToString)
         return rpc
 
     def _parse(self, data: bytes) -> reply_wire.WireReply:

@@ -7,7 +7,6 @@ identical targets.
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
 import threading

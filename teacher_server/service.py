@@ -21,6 +21,7 @@ from kdserve.wire import batch_size
 from teacher_server.engine import BatchStats, Quantized, TeacherEngine, Work
 from teacher_server.spec import (
     SpecError,
+    TargetSpec,
     TooLarge,
     bounded,
     resolve_spec,
@@ -85,7 +86,7 @@ class TeacherService:
         self.engine = engine
         self.cfg = cfg or engine.cfg
         self._info: pb.TeacherInfo | None = None
-        self._specs: dict[bytes, object] = {}  # serialized TargetSpec -> resolved (frozen) TargetSpec
+        self._specs: dict[bytes, TargetSpec] = {}  # serialized spec -> resolved (frozen) TargetSpec
 
     def describe(self) -> pb.TeacherInfo:
         """The Describe answer (built once: the engine and its config do not change)."""
@@ -136,7 +137,7 @@ class TeacherService:
         self.engine.check(work)
         return work
 
-    def _resolve(self, msg: pb.TargetSpec):
+    def _resolve(self, msg: pb.TargetSpec) -> TargetSpec:
         """``resolve_spec`` once per distinct spec: an experiment sends the same spec every step."""
         key = msg.SerializeToString(deterministic=True)
         spec = self._specs.get(key)

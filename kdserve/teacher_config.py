@@ -78,6 +78,13 @@ class TeacherConfig(Strict):
         description="Most request bytes (decoded inputs) one experiment may have waiting or computing at "
         "once; more get RESOURCE_EXHAUSTED. 0: no cap.",
     )
+    inline_forward_ms: float = Field(
+        1.0, ge=0,
+        description="A forward predicted (from the last one, scaled by samples x tokens) to take less than this "
+        "runs on the server's event loop instead of a worker thread: handing it to a thread and back costs "
+        "more CPU than such a forward (a synthetic teacher, tiny requests). Longer forwards always go to a "
+        "thread so the loop keeps taking requests. 0: always a thread.",
+    )
     auth_token_file: str | None = Field(
         None,
         description="Ray Serve only: file holding the shared bearer token every call must carry "

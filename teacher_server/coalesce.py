@@ -67,6 +67,7 @@ class Coalescer:
         metrics: Any = None,
         max_requests: int = 0,
         max_queued_bytes: int = 0,
+        inline_forward_ms: float = 0.0,
     ):
         self._run = run
         self.max_samples = max_samples
@@ -78,6 +79,8 @@ class Coalescer:
         self._keys: dict[int, str] = {}  # id(future) -> cache key of its work
         self.max_requests = max_requests  # per experiment, 0: no cap
         self.max_queued_bytes = max_queued_bytes
+        self.inline_forward_ms = inline_forward_ms
+        self._last: tuple[float, int] | None = None  # (compute ms, cost) of the last forward
         self.in_flight: dict[str, list[int]] = {}  # experiment -> [requests, bytes] waiting or computing
 
     @classmethod
@@ -86,7 +89,8 @@ class Coalescer:
         cache = TargetCache(cfg.cache_bytes, engine.fingerprint, cache_events) if cfg.cache_bytes > 0 else None
         return cls(engine.run, cfg.max_batch_size, on_batch=on_batch, scheduler=cfg.scheduler,
                    weights=cfg.experiment_weights, cache=cache, metrics=metrics,
-                   max_requests=cfg.max_requests_per_experiment, max_queued_bytes=cfg.max_queued_bytes_per_experiment)
+                   max_requests=cfg.max_requests_per_experiment, max_queued_bytes=cfg.max_queued_bytes_per_experiment,
+                   inline_forward_ms=cfg.inline_forward_ms)
 
     def _admit(self, works: list[Work]) -> list[tuple[str, int]]:
         """Reserve each work's slot and bytes under its experiment's caps, all or none; raises Overloaded."""
@@ -145,8 +149,16 @@ class Coalescer:
                     continue
                 self._keys[id(f)] = key
             self.queue.enqueue(w.experiment, (w, f), work_cost(w), w.samples)
-        if self._drainer is None or self._drainer.done():
+        idle = self._drainer is None or self._drainer.done()
+        if idle and len(works) == 1 and len(self.queue) == 1 and self._inline(work_cost(works[0])):
+            # Nothing else waits and the forward is short: run it to completion right here, with
+            # no drain task nor gather (nothing else runs on the loop meanwhile).
+            await self._forward(self._take())
+            return [futures[0].result()]
+        if idle:
             self._drainer = asyncio.create_task(self._drain())
+        if len(futures) == 1:
+            return [await futures[0]]
         return list(await asyncio.gather(*futures))
 
     def _take(self) -> list[tuple[Work, asyncio.Future]]:
@@ -168,22 +180,41 @@ class Coalescer:
     async def _drain(self) -> None:
         while len(self.queue):
             take = self._take()
-            if not take:
-                continue
-            start = time.perf_counter()
-            try:
-                # In a thread: the event loop keeps accepting requests during the forward.
-                results, stats = await asyncio.to_thread(self._run, [w for w, _ in take])
-            except Exception as e:
-                if len(take) == 1:
-                    self._settle(take[0], error=e)
-                else:
-                    await self._isolate(take, start)
-                continue
-            if self._on_batch:
-                self._on_batch(stats)
-            for item, r in zip(take, results):
-                self._settle(item, (r, stats, (start - item[0].enqueued) * 1e3))
+            if take:
+                await self._forward(take)
+
+    async def _forward(self, take: list[tuple[Work, asyncio.Future]]) -> None:
+        """One forward for ``take``; settles each of its futures."""
+        start = time.perf_counter()
+        works = [w for w, _ in take]
+        cost = sum(work_cost(w) for w in works)
+        try:
+            if self._inline(cost):
+                results, stats = self._run(works)
+            else:  # in a thread: the event loop keeps accepting requests during the forward
+                results, stats = await asyncio.to_thread(self._run, works)
+        except Exception as e:
+            self._last = None  # no estimate from a failure: the next forward goes to a thread
+            if len(take) == 1:
+                self._settle(take[0], error=e)
+            else:
+                await self._isolate(take, start)
+            return
+        self._last = (stats.compute_ms, cost)  # the engine's own time: a hand-off's wait is not in it
+        if self._on_batch:
+            self._on_batch(stats)
+        for item, r in zip(take, results):
+            self._settle(item, (r, stats, (start - item[0].enqueued) * 1e3))
+
+    def _inline(self, cost: int) -> bool:
+        """Run this forward on the loop? Only when the last one, scaled to ``cost``, was short.
+        A thread hand-off costs a wake-up each way plus GIL traffic with the loop: on a small
+        CPU about as much as a synthetic forward of one small request, while a model's forward
+        (milliseconds) must not stall the loop."""
+        if self.inline_forward_ms <= 0 or self._last is None:
+            return False
+        ms, last_cost = self._last
+        return ms * max(1.0, cost / max(1, last_cost)) < self.inline_forward_ms
 
     async def _isolate(self, take: list[tuple[Work, asyncio.Future]], start: float) -> None:
         """A batched forward failed: each member alone, so only the one at fault fails."""

@@ -7,6 +7,7 @@ identical targets.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import threading
@@ -45,8 +46,8 @@ class Work:
     enqueued: float = field(default_factory=time.perf_counter)
     experiment: str = ""  # who asked: the fair scheduler's queue and the metrics' label
 
-    @property
-    def samples(self) -> int:
+    @functools.cached_property
+    def samples(self) -> int:  # asked by the queue, the engine and the metrics: computed once
         return wire.batch_size(self.inputs)
 
 
@@ -187,7 +188,7 @@ class TeacherEngine:
                 attention.setdefault(m, set()).update(ls)
         want_logits = any(w.spec.logits for w in group)
         inputs, lengths = _collate(group, self._paddable)
-        inputs = {n: t.to(self.device) for n, t in inputs.items()}
+        inputs = {n: _on(t, self.device) for n, t in inputs.items()}
         # no autocast context at all without amp: entering a disabled one still costs per forward
         amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                else contextlib.nullcontext())
@@ -196,8 +197,9 @@ class TeacherEngine:
         out, start = [], 0
         for w, T in zip(group, lengths):
             n = w.samples
-            sl = slice(start, start + n)
-            own = {k: v.to(self.device) for k, v in w.inputs.items()}  # the request's own mask, unpadded
+            # a lone request owns every sample of the capture: no slice along the batch
+            sl = None if len(group) == 1 else slice(start, start + n)
+            own = {k: _on(v, self.device) for k, v in w.inputs.items()}  # the request's own mask, unpadded
             masks = {m.name: self.adapter.token_mask(own, m.name) for m in self.modules}
             # variable-length modules (num_tokens -1) are cut back to the request's own length
             tokens = {m.name: (T if m.num_tokens <= 0 else None) for m in self.modules}
@@ -259,14 +261,19 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _reduce(spec: TargetSpec, cap, sl: slice, masks: dict, tokens: dict | None = None) -> dict[str, Output]:
-    """One request's outputs from the batch capture: its samples ``sl`` and, for padded modules,
-    its own first ``tokens[module]`` tokens; then reductions and the wire dtype."""
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t if t.device == device else t.to(device)
+
+
+def _reduce(spec: TargetSpec, cap, sl: slice | None, masks: dict, tokens: dict | None = None) -> dict[str, Output]:
+    """One request's outputs from the batch capture: its samples ``sl`` (None: all of them, with
+    all their tokens) and, for padded modules, its own first ``tokens[module]`` tokens; then
+    reductions and the wire dtype."""
     tokens = tokens or {}
     out: dict[str, torch.Tensor] = {}
     for module, layers in spec.hidden:
         T = tokens.get(module)
-        hs = [cap.hidden[(module, l)][sl, :T] for l in layers]  # L x (b, T_i, D)
+        hs = [_cut(cap.hidden[(module, l)], sl, T) for l in layers]  # L x (b, T_i, D)
         if spec.hidden_reduction == "data2vec":
             out[f"data2vec.{module}"] = data2vec_target(hs, spec.data2vec_eps, masks.get(module))
         else:
@@ -275,10 +282,12 @@ def _reduce(spec: TargetSpec, cap, sl: slice, masks: dict, tokens: dict | None =
     for module, layers in spec.attention:
         for l in layers:
             T = tokens.get(module)
-            a = cap.attention[(module, l)][sl, :, :T, :T]  # (b, H, T_i, T_i)
+            a = cap.attention[(module, l)]  # (B, H, T, T)
+            if sl is not None or (T is not None and a.shape[-1] != T):
+                a = a[sl or slice(None), :, :T, :T]  # (b, H, T_i, T_i)
             out[f"attention.{module}.{l}"] = head_mean(a) if spec.attention_reduction == "head_mean" else a
     if spec.logits:
-        z = cap.logits[sl]  # (b, C)
+        z = cap.logits if sl is None else cap.logits[sl]  # (b, C)
         if spec.logits_top_k:
             values, indices = torch.topk(z.float(), spec.logits_top_k, dim=-1)
             out["logits_topk.values"] = values
@@ -288,6 +297,13 @@ def _reduce(spec: TargetSpec, cap, sl: slice, masks: dict, tokens: dict | None =
     return {k: _cast(v, spec.dtype) for k, v in out.items()}
 
 
+def _cut(t: torch.Tensor, sl: slice | None, T: int | None) -> torch.Tensor:
+    """``t[sl, :T]`` (``sl`` None: every sample); no view at all when nothing is cut off."""
+    if sl is None:
+        return t if T is None or t.shape[1] == T else t[:, :T]
+    return t[sl, :T]
+
+
 def _cast(t: torch.Tensor, dtype: str) -> Output:
     """Cast on the compute device (fewer bytes to copy back), then move to the CPU."""
     if not t.is_floating_point():
@@ -295,4 +311,7 @@ def _cast(t: torch.Tensor, dtype: str) -> Output:
     if dtype == "int8":
         q, s = quantize_int8(t)
         return Quantized(q.cpu(), s.cpu())
-    return t.to(_CAST[dtype]).cpu()
+    want = _CAST[dtype]
+    if t.dtype != want:
+        t = t.to(want)
+    return t if t.device.type == "cpu" else t.cpu()

@@ -163,9 +163,16 @@ class _PromAdapter:
 
     def __init__(self, metric):
         self.metric = metric
+        self._children: dict[tuple, object] = {}  # labels() takes a lock and builds a key per call
 
     def _m(self, tags):
-        return self.metric.labels(**tags) if tags else self.metric
+        if not tags:
+            return self.metric
+        key = tuple(tags.values())
+        child = self._children.get(key)
+        if child is None:  # bounded: tag values are capped labels (ExperimentLabels) or a few names
+            child = self._children[key] = self.metric.labels(**tags)
+        return child
 
     def inc(self, value=1, tags=None):
         self._m(tags).inc(value)

@@ -76,11 +76,13 @@ def check_token_ids(inputs: dict[str, torch.Tensor], vocab_size: int, max_len: i
         return
     if ids.shape[1] > max_len:
         raise SpecError(f"inputs['input_ids']: {ids.shape[1]} tokens, the teacher takes at most {max_len}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise SpecError(
-            f"inputs['input_ids']: token ids must lie in [0, {vocab_size}), got "
-            f"[{int(ids.min())}, {int(ids.max())}]; tokenize with the teacher's tokenizer"
-        )
+    if ids.numel():
+        lo, hi = (int(x) for x in torch.aminmax(ids))  # one pass over the ids
+        if lo < 0 or hi >= vocab_size:
+            raise SpecError(
+                f"inputs['input_ids']: token ids must lie in [0, {vocab_size}), got "
+                f"[{lo}, {hi}]; tokenize with the teacher's tokenizer"
+            )
     mask = inputs.get("attention_mask")
     if mask is not None and mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
         raise SpecError("inputs['attention_mask']: values must be 0 or 1")

@@ -85,7 +85,9 @@ class _Tables(nn.Module):
         cfg_vec = [c.layers, c.tokens, c.dim, c.heads, c.classes, c.image_size, c.vocab, c.max_len, c.seed,
                    int(c.input == "text")]
         self.register_buffer("config", torch.tensor(cfg_vec, dtype=torch.int64))
-        self.register_buffer("w", torch.randn(feat, generator=g, dtype=torch.float64) / feat**0.5, persistent=False)
+        w = torch.randn(feat, generator=g, dtype=torch.float64) / feat**0.5
+        # the projection with its scale folded in (x10 for pixels, x0.01 for token ids): one mv per scalar
+        self.register_buffer("w", w * (10.0 if c.input == "image" else 1e-2), persistent=False)
         self.register_buffer("base", torch.randn(t, c.dim, generator=g), persistent=False)  # (T, D)
         self.register_buffer("depth", torch.randn(t, c.dim, generator=g), persistent=False)  # (T, D)
         self.register_buffer("pattern", torch.randn(t, c.dim, generator=g), persistent=False)  # (T, D)
@@ -138,13 +140,13 @@ class SyntheticTeacher(TeacherAdapter):
         """(B,) a_b in [-1, 1]: a fixed projection of each sample's own input, in float64."""
         m = self.model
         if self.c.input == "image":
-            x = inputs["pixel_values"].flatten(1)[:, :: m.stride].double()  # (B, <= 4096)
-            return torch.sin((x * m.w).sum(dim=1) * 10.0).float()
-        ids = inputs["input_ids"].double()  # (B, T)
+            x = inputs["pixel_values"].flatten(1)[:, :: m.stride]  # (B, <= 4096)
+            return torch.sin(torch.mv(x.double(), m.w)).float()
+        ids = inputs["input_ids"]  # (B, T)
         mask = inputs.get("attention_mask")
         if mask is not None:
-            ids = ids * mask.double()
-        return torch.sin((ids * m.w[: ids.shape[1]]).sum(dim=1) * 1e-2).float()
+            ids = ids * mask
+        return torch.sin(torch.mv(ids.double(), m.w[: ids.shape[1]])).float()
 
     def forward(self, inputs, hidden, attention, logits) -> Capture:
         m, c = self.model, self.c
@@ -157,12 +159,13 @@ class SyntheticTeacher(TeacherAdapter):
             self.sleep(wait_s)
         a = self.sample_scalar(inputs).to(m.base.device)  # (B,)
         cap = Capture()
+        a3, pattern = a.view(-1, 1, 1), m.pattern[:t]  # (B, 1, 1), (T, D)
         for l in hid:
             # one pass over the (B, T, D) output: a real forward's cost is the sleep above
-            cap.hidden[(self.module, l)] = torch.addcmul(m.layer(l)[:t], a[:, None, None], m.pattern[:t])
+            cap.hidden[(self.module, l)] = torch.addcmul(m.layer(l)[:t], a3, pattern)
         for l in att:
             s = (m.u[:, :t] * m.v[..., :t]) * (1 + l / c.layers)  # (H, T, T)
-            s = s + a[:, None, None, None] * (m.p[:t] * m.q[:, :t])  # (B, H, T, T)
+            s = s + a3[..., None] * (m.p[:t] * m.q[:, :t])  # (B, H, T, T)
             cap.attention[(self.module, l)] = torch.softmax(s, dim=-1)
         if logits:
             cap.logits = m.bias + a[:, None] * m.direction  # (B, C)

@@ -122,10 +122,13 @@ class TritonPythonModel:
             if name == REQUEST_INPUT:
                 continue
             arr = np.ascontiguousarray(tensor.as_numpy())
-            # numpy's names of these dtypes are kdserve's; validate_inputs checks them
-            msg.inputs[name].CopyFrom(pb.Tensor(dtype=arr.dtype.name, shape=list(arr.shape), data=arr.tobytes()))
-        params = json.loads(request.parameters() or "{}")
-        return msg, bool(params.get(STREAM_PARAMETER, False))
+            t = msg.inputs[name]  # filled in place: a Tensor built apart would be copied in once more
+            t.dtype = arr.dtype.name  # numpy's names of these dtypes are kdserve's; validate_inputs checks them
+            t.shape.extend(arr.shape)
+            t.data = arr.tobytes()
+        params = request.parameters()
+        stream = params not in ("", "{}") and bool(json.loads(params).get(STREAM_PARAMETER, False))
+        return msg, stream
 
     def _error(self, exc: BaseException):
         code, msg = self.status_of(exc)  # the message every kdserve frontend gives
@@ -162,8 +165,12 @@ class TritonPythonModel:
                 for (i, msg, work), outputs in zip(accepted, results):
                     try:
                         # one row per sample, each built as wire bytes (kdserve.reply_wire), framed
-                        # into one UINT8 array: each tensor's bytes copied once
-                        rows = self.service.chunks(msg, work, outputs, stats, queue_ms, encoded=True)
+                        # into one UINT8 array: each tensor's bytes copied once. A lone sample's
+                        # row is the whole reply (no slicing of its outputs).
+                        if work.samples == 1:
+                            rows = [self.service.reply(msg, work, outputs, stats, queue_ms, encoded=True)]
+                        else:
+                            rows = self.service.chunks(msg, work, outputs, stats, queue_ms, encoded=True)
                         out = pb_utils.Tensor(TARGETS_OUTPUT, frame(list(rows)))
                         responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
                     except Exception as e:

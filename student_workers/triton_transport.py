@@ -126,6 +126,7 @@ class TritonTransport(Transport):
         # raise both directions and give each channel its own subchannel pool.
         self.channel_args = list(channel_args)
         self._channel: grpc.aio.Channel | None = None
+        self._rpcs: dict[str, Any] = {}  # method -> multi-callable of self._channel
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pid = 0
         self._closing: set[asyncio.Task] = set()
@@ -146,6 +147,7 @@ class TritonTransport(Transport):
         loop = asyncio.get_running_loop()
         if self._channel is None or self._loop is not loop or self._pid != os.getpid():
             self._channel = grpc.aio.insecure_channel(self.target, options=self.channel_args)
+            self._rpcs = {}
             self._loop, self._pid = loop, os.getpid()
         return self._channel
 
@@ -153,7 +155,7 @@ class TritonTransport(Transport):
         """Drop the channel whose call answered UNAVAILABLE; the next call dials afresh."""
         if self._channel is not failed:
             return
-        self._channel = None
+        self._channel, self._rpcs = None, {}
         task = asyncio.ensure_future(failed.close(grace=1.0))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
@@ -161,8 +163,11 @@ class TritonTransport(Transport):
     async def _call(self, method: str, request, deserializer, timeout: float):
         """One unary call of Triton's service; a failed one raises TeacherError with its status."""
         channel = self._channel_here()
-        rpc = channel.unary_unary(f"{_SERVICE}/{method}", request_serializer=type(request).SerializeToString,
-                                  response_deserializer=deserializer)
+        rpc = self._rpcs.get(method)
+        if rpc is None:  # one multi-callable per channel and method (each method has one deserializer)
+            rpc = self._rpcs[method] = channel.unary_unary(
+                f"{_SERVICE}/{method}", request_serializer=type(request).SerializeToString,
+                response_deserializer=deserializer)
         try:
             return await rpc(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
@@ -254,7 +259,7 @@ class TritonTransport(Transport):
         return [await self._infer(request, timeout, stream=True)]
 
     async def close(self) -> None:
-        channel, self._channel = self._channel, None
+        channel, self._channel, self._rpcs = self._channel, None, {}
         if channel is not None and self._loop is asyncio.get_running_loop() and self._pid == os.getpid():
             await channel.close()
         if self._closing:

@@ -168,7 +168,7 @@ class TeacherEngine:
         )
         return results, stats  # type: ignore[return-value]
 
-    @property
+    @functools.cached_property
     def _paddable(self) -> frozenset[str]:
         """Inputs of shape (B, T) that may be right-padded: only when the model takes a mask."""
         names = {i.name for i in self.inputs}
@@ -221,6 +221,8 @@ _DEFAULT_FILL = {"attention_mask": 1, "token_type_ids": 0}
 def _groups(batch: list[Work], paddable: frozenset[str] = frozenset()) -> list[list[int]]:
     """Indices of requests that can share a forward: same fixed-shape inputs (names, dtypes,
     sample shapes); paddable (B, T) inputs may differ in T and in which optional ones are sent."""
+    if len(batch) == 1:
+        return [[0]]
     groups: dict[tuple, list[int]] = {}
     for i, w in enumerate(batch):
         fixed = tuple(sorted((k, v.dtype, tuple(v.shape[1:])) for k, v in w.inputs.items() if k not in paddable))
@@ -235,6 +237,9 @@ def _collate(group: list[Work], paddable: frozenset[str]) -> tuple[dict[str, tor
     Returns the inputs and each request's own sequence length (None where nothing is paddable).
     """
     first = group[0].inputs
+    if len(group) == 1:  # nothing to concatenate or pad: its own length
+        seq = next((first[n].shape[1] for n in sorted(paddable) if n in first), None)
+        return dict(first), [seq]
     pad_names = sorted(n for n in paddable if any(n in w.inputs for w in group))
     if not pad_names:
         return {n: _cat([w.inputs[n] for w in group]) for n in first}, [None] * len(group)

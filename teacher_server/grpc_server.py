@@ -31,14 +31,11 @@ from teacher_server.coalesce import Coalescer
 from teacher_server.engine import TeacherEngine
 from teacher_server.health import HealthReporter
 from teacher_server.metrics import get_metrics
-from teacher_server.service import TeacherService, payload_nbytes, status_of
+from teacher_server.service import TeacherService, status_of
 
 # The protocol's message limit both ways; and no SO_REUSEPORT: a second teacher started on a busy
 # port must fail to bind, not silently share the port (and the students) with the first.
 SERVER_OPTIONS = [*wire.CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
-# Replies above this are encoded (one memcpy per tensor) on a worker thread, so the loop keeps
-# moving other requests meanwhile; below it the hand-off would cost more than the copy.
-OFF_LOOP_BYTES = 1 << 20
 
 
 class _LoopThread:
@@ -88,11 +85,9 @@ class Servicer(pb_grpc.TeacherServiceServicer):
     async def GetTargets(self, request, context):
         """Answers a reply_wire.EncodedReply: the serialised TargetsReply (see ``add_servicer``)."""
         work, outputs, stats, queue_ms = await self._compute(request, context, stream=False)
-        args = (request, work, outputs, stats, queue_ms)
-        if payload_nbytes(outputs) > OFF_LOOP_BYTES:
-            reply = await asyncio.to_thread(self.service.reply, *args, encoded=True)
-        else:
-            reply = self.service.reply(*args, encoded=True)
+        # On the loop: encoding only lists views of the tensors; their one copy (the join in the
+        # response serializer) holds the GIL wherever it runs, so a thread would add a hand-off only.
+        reply = self.service.reply(request, work, outputs, stats, queue_ms, encoded=True)
         self.metrics.answered(request.experiment_id, reply.samples, reply.payload_bytes, queue_ms)
         return reply
 

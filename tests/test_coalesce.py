@@ -177,3 +177,71 @@ def test_cache_hit_skips_the_forward():
     assert b[1].forwards == 0 and b[0]["y"] is a[0]["y"]
     assert torch.equal(d[0]["y"], torch.full((2, 1), 12.0))
     assert (c.cache.hits, c.cache.misses) == (1, 2)
+
+
+class TimedEngine:
+    """Answers at once, reporting ``compute_ms`` per forward; records the thread each forward ran on."""
+
+    def __init__(self, compute_ms: float, fail_on: float | None = None):
+        self.compute_ms, self.fail_on, self.threads = compute_ms, fail_on, []
+
+    def run(self, works):
+        self.threads.append(threading.get_ident())
+        if any(float(w.inputs["x"][0, 0]) == self.fail_on for w in works):
+            raise RuntimeError("forward failed")
+        samples = sum(w.inputs["x"].shape[0] for w in works)
+        return [{"y": w.inputs["x"] * 2} for w in works], BatchStats(len(works), samples, self.compute_ms)
+
+
+def _one_by_one(engine: TimedEngine, sizes: list[int], inline_forward_ms: float) -> tuple[int, list]:
+    """Each request alone (the previous one answered first); returns the loop's thread and the answers."""
+
+    async def main():
+        c = Coalescer(engine.run, max_samples=64, inline_forward_ms=inline_forward_ms)
+        answers = []
+        for i, n in enumerate(sizes):
+            try:
+                answers.append(await c.submit([work(n, float(i))]))
+            except RuntimeError as e:
+                answers.append(e)
+        return threading.get_ident(), answers
+
+    return asyncio.run(main())
+
+
+def test_short_forwards_run_on_the_loop_and_long_ones_on_a_thread():
+    fast = TimedEngine(compute_ms=0.2)
+    loop, answers = _one_by_one(fast, [1, 1, 1], inline_forward_ms=1.0)
+    # no estimate before the first forward: a thread; then 0.2 ms < 1 ms predicted: on the loop
+    assert fast.threads[0] != loop and fast.threads[1:] == [loop, loop]
+    assert [float(a[0][0]["y"][0, 0]) for a in answers] == [0.0, 2.0, 4.0]  # answered by the fast path
+
+    slow = TimedEngine(compute_ms=5.0)
+    loop, _ = _one_by_one(slow, [1, 1, 1], inline_forward_ms=1.0)
+    assert loop not in slow.threads
+
+    off = TimedEngine(compute_ms=0.0)  # the default (0) never blocks the loop
+    loop, _ = _one_by_one(off, [1, 1, 1], inline_forward_ms=0.0)
+    assert loop not in off.threads
+
+
+def test_the_inline_estimate_scales_with_cost_and_forgets_failures():
+    # 0.4 ms for 1 sample predicts 1.6 ms for 4 samples: over 1 ms, so a thread
+    e = TimedEngine(compute_ms=0.4)
+    loop, _ = _one_by_one(e, [1, 1, 4], inline_forward_ms=1.0)
+    assert [t == loop for t in e.threads] == [False, True, False]
+    # a failed forward leaves no estimate: the next one goes to a thread again
+    e = TimedEngine(compute_ms=0.1, fail_on=1.0)
+    loop, answers = _one_by_one(e, [1, 1, 1, 1], inline_forward_ms=1.0)
+    assert isinstance(answers[1], RuntimeError)
+    assert [t == loop for t in e.threads] == [False, True, False, True]
+
+
+def test_inline_forward_ms_comes_from_the_teacher_config():
+    from kdserve.teacher_config import TeacherConfig
+    from teacher_server.engine import TeacherEngine
+
+    cfg = TeacherConfig(model="synthetic:layers=2,tokens=4,dim=8,heads=2,classes=0,image_size=8,latency_ms=0",
+                        device="cpu", inline_forward_ms=0.5)
+    assert Coalescer.from_config(TeacherEngine.from_config(cfg), cfg).inline_forward_ms == 0.5
+    assert TeacherConfig(model="synthetic:").inline_forward_ms == 1.0

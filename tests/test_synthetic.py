@@ -3,6 +3,8 @@ Describe through a real gRPC server, the Data2Vec reduction against its formula 
 the forward's sleep (checked with a fake clock, never wall time)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -87,6 +89,39 @@ def test_text_tokens_follow_the_input_and_ids_are_checked():
 
     with pytest.raises(SpecError, match=r"\[0, 100\)"):
         e.check(Work({"input_ids": ids + 100}, TargetSpec(logits=False, hidden=(("text", (1,)),))))
+
+
+def test_text_hidden_states_equal_the_formula_written_out():
+    """H_l[b] = base + (l / L) depth + a_b pattern, a_b = sin(sum_j ids[b, j] mask[b, j] w_j / 100)."""
+    e = engine(TEXT)
+    ids = torch.tensor([[5, 17, 99, 0, 42], [1, 2, 3, 4, 5]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    out = run(e, {"input_ids": ids, "attention_mask": mask}, hidden=(("text", (2,)),))
+    m = e.adapter.model
+    raw_w = (m.w / 1e-2).tolist()  # the table holds w already scaled by 1/100
+    for b in range(2):
+        a = math.sin(sum(int(i) * int(k) * w for i, k, w in zip(ids[b], mask[b], raw_w)) / 100)
+        want = m.base[:5].double() + (2 / 3) * m.depth[:5].double() + a * m.pattern[:5].double()
+        torch.testing.assert_close(out["hidden.text.2"][b].double(), want, rtol=0, atol=1e-5)
+
+
+def test_token_ids_segments_and_mask_values_are_checked():
+    from teacher_server.adapters.base import check_token_ids
+    from teacher_server.spec import SpecError
+
+    ids = torch.tensor([[1, 2, 3]])
+    check_token_ids({"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 0]])}, 10, 8)
+    with pytest.raises(SpecError, match=r"token ids must lie in \[0, 10\), got \[-1, 3\]"):
+        check_token_ids({"input_ids": torch.tensor([[-1, 2, 3]])}, 10, 8)
+    with pytest.raises(SpecError, match=r"got \[1, 10\]"):
+        check_token_ids({"input_ids": torch.tensor([[1, 10, 3]])}, 10, 8)
+    with pytest.raises(SpecError, match="at most 2"):
+        check_token_ids({"input_ids": ids}, 10, 2)
+    for bad in ([[1, 2, 1]], [[0, -1, 1]]):
+        with pytest.raises(SpecError, match="values must be 0 or 1"):
+            check_token_ids({"input_ids": ids, "attention_mask": torch.tensor(bad)}, 10, 8)
+    with pytest.raises(SpecError, match=r"segment ids must lie in \[0, 2\), got \[0, 2\]"):
+        check_token_ids({"input_ids": ids, "token_type_ids": torch.tensor([[0, 2, 1]])}, 10, 8, type_vocab_size=2)
 
 
 def test_data2vec_target_equals_naive_formula():

@@ -7,6 +7,11 @@ their requests to one Coalescer per engine: a single drain loop forms each next 
 everything waiting (up to ``max_samples``), picked by a ``FairQueue`` (fair across experiments,
 or FIFO), after dropping work whose caller went away and answering cache hits without a forward.
 
+Where a forward runs: on a worker thread, so the loop keeps taking requests meanwhile; but one
+predicted (from the last forward, scaled by samples x tokens) to take under ``inline_forward_ms``
+runs on the loop itself, and a lone request meeting an idle queue is run to completion in its own
+handler, because a thread hand-off costs more CPU than such a forward.
+
 Isolation: if a batched forward raises, its members are retried one by one, so only the request
 that breaks the forward fails. When it fails alone while others of the same batch succeed, the
 fault lies with its inputs: it is refused as InputRejected (a SpecError: INVALID_ARGUMENT).

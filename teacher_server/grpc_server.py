@@ -2,8 +2,9 @@
 
 A grpc.aio server on one asyncio loop thread, which is also the home of the Coalescer: a request
 goes from the transport to its coroutine and into the forward queue without crossing a thread,
-so a small request costs no thread hand-offs beyond the forward's own (``bench`` P4 measures it
-against a bare grpc.aio echo). Requests of all clients share forwards, picked fairly across
+so a small request costs no thread hand-off beyond the forward's own, and none when the forward
+is short enough to run on the loop (``inline_forward_ms``; ``bench`` P4 measures it against a bare
+grpc.aio echo). Requests of all clients share forwards, picked fairly across
 experiments, with the target cache and per-request isolation. A client that cancels or whose
 deadline passes has its handler cancelled, which drops its request from the queue.
 

@@ -70,7 +70,13 @@ def _identity(b: bytes) -> bytes:
 
 
 def echo_server_process(conn, options: list[tuple[str, Any]]) -> None:
-    """Child process: serve the echo on a free loopback port, send the port back over ``conn``."""
+    """Child process: serve the echo on a free loopback port, send the port back over ``conn``.
+
+    With the malloc settings of a teacher process (teacher_server/malloc.py), so both sides of a
+    ratio run with the same process settings (measured: they do not change the echo's speed)."""
+    from teacher_server import malloc
+
+    malloc.tune()
     asyncio.run(_echo_serve(conn, options))
 
 

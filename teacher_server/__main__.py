@@ -121,7 +121,10 @@ def serve_forever(cfg: TeacherConfig, args: argparse.Namespace) -> None:
         from teacher_server.engine import TeacherEngine
         from teacher_server.grpc_server import run_server
 
+        from teacher_server import malloc
+
         creds = tls.server_credentials(args.tls_cert, args.tls_key) if use_tls else None
+        malloc.tune()  # this process is the teacher's: reply-sized buffers stay in the heap
         engine = TeacherEngine.from_config(cfg)
         with run_server(engine, port=args.port, host=args.host, auth_token=token, tls=creds,
                         allow_unauthenticated_describe=args.allow_unauthenticated_describe) as port:

@@ -26,6 +26,7 @@ from kdserve.v1 import teacher_pb2 as pb
 from kdserve.wire import reply_bytes, reply_samples
 from teacher_server.coalesce import Coalescer
 from teacher_server.engine import TeacherEngine
+from teacher_server import malloc
 from teacher_server.health import probe
 from teacher_server.metrics import get_metrics
 from teacher_server.service import TeacherService, experiment_label, status_of
@@ -46,6 +47,7 @@ class Refused(Exception):
 @serve.deployment(name="Teacher")
 class TeacherDeployment:
     def __init__(self, config: dict[str, Any]):
+        malloc.tune()  # the replica's process is the teacher's: reply-sized buffers stay in the heap
         self.cfg = TeacherConfig(**config)
         token = auth.load_token(self.cfg.auth_token_file)  # the file, else $KDSERVE_AUTH_TOKEN, else None
         self.auth = auth.TokenCheck(token) if token else None

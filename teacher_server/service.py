@@ -87,6 +87,7 @@ class TeacherService:
         self.cfg = cfg or engine.cfg
         self._info: pb.TeacherInfo | None = None
         self._specs: dict[bytes, TargetSpec] = {}  # serialized spec -> resolved (frozen) TargetSpec
+        self._estimates: dict[tuple[bytes, int, int], int] = {}  # (serialized spec, batch, tokens) -> reply bytes
 
     def describe(self) -> pb.TeacherInfo:
         """The Describe answer (built once: the engine and its config do not change)."""
@@ -123,11 +124,12 @@ class TeacherService:
         batch = validate_inputs(request.inputs, self.engine.inputs, self.cfg.max_batch_size)
         if request.sample_keys and len(request.sample_keys) != batch:
             raise SpecError(f"sample_keys: {len(request.sample_keys)} keys for {batch} samples")
-        spec = self._resolve(request.spec)
+        key = request.spec.SerializeToString(deterministic=True)
+        spec = self._resolve(request.spec, key)
         inputs = {k: codec.decode(v) for k, v in request.inputs.items()}
         check_finite(inputs)
         if not stream:
-            est = self.estimate_reply_bytes(request.spec, inputs)
+            est = self._reply_bytes(key, request.spec, inputs)
             if est > self.cfg.max_reply_bytes:
                 raise TooLarge(
                     f"reply would be {_mb(est)}, over max_reply_bytes ({_mb(self.cfg.max_reply_bytes)}): "
@@ -137,9 +139,9 @@ class TeacherService:
         self.engine.check(work)
         return work
 
-    def _resolve(self, msg: pb.TargetSpec) -> TargetSpec:
-        """``resolve_spec`` once per distinct spec: an experiment sends the same spec every step."""
-        key = msg.SerializeToString(deterministic=True)
+    def _resolve(self, msg: pb.TargetSpec, key: bytes) -> TargetSpec:
+        """``resolve_spec`` once per distinct spec (``key``: its deterministic serialisation): an
+        experiment sends the same spec every step."""
         spec = self._specs.get(key)
         if spec is None:
             spec = resolve_spec(msg, self.engine.modules, self.engine.num_classes)  # raises SpecError
@@ -147,6 +149,18 @@ class TeacherService:
                 self._specs.clear()  # many distinct specs: start over rather than grow
             self._specs[key] = spec
         return spec
+
+    def _reply_bytes(self, key: bytes, spec: pb.TargetSpec, inputs: dict[str, torch.Tensor]) -> int:
+        """``estimate_reply_bytes``, once per (spec, batch, tokens): the same shapes come every step."""
+        ids = inputs.get("input_ids")
+        shape = (key, batch_size(inputs), int(ids.shape[1]) if ids is not None and ids.dim() > 1 else 0)
+        est = self._estimates.get(shape)
+        if est is None:
+            est = self.estimate_reply_bytes(spec, inputs)
+            if len(self._estimates) >= 4 * MAX_CACHED_SPECS:
+                self._estimates.clear()  # bounded, like the spec cache
+            self._estimates[shape] = est
+        return est
 
     def estimate_reply_bytes(self, spec: pb.TargetSpec, inputs: dict[str, torch.Tensor]) -> int:
         """Exact size of the outputs' data, known before any compute (kdserve.limits: the client's formula)."""

@@ -270,6 +270,14 @@ def test_service_resolves_each_distinct_spec_once_and_still_refuses_bad_ones():
         svc.prepare(build_request(ids, target_spec(logits=True, logits_top_k=1 + k % 4, dtype="float16" if k % 2 else "float32",
                                                    data2vec_eps=1e-6 * (k + 1))))
     assert len(svc._specs) <= service_mod.MAX_CACHED_SPECS
+    assert len(svc._estimates) <= 4 * service_mod.MAX_CACHED_SPECS
+    # the reply-size estimate is cached per (spec, batch, tokens) and still refuses every time:
+    # 2 samples x 5 tokens x 6 dims x 4 B = 240 B for one layer
+    small = service_mod.TeacherService(svc.engine, svc.cfg.model_copy(update={"max_reply_bytes": 239}))
+    for _ in range(2):
+        with pytest.raises(service_mod.TooLarge, match="reply would be"):
+            small.prepare(build_request(ids, target_spec(hidden={"": [2]})))
+    assert small.prepare(build_request(dict(input_ids=ids["input_ids"][:1]), target_spec(hidden={"": [2]})))
 
 
 def test_experiment_labels_are_stable_bounded_and_capped():

@@ -311,3 +311,15 @@ def test_infer_response_is_read_without_protobuf_copies_and_matches_it():
     assert header.id == "exp-1-7" and [o.name for o in header.outputs] == ["other", "targets"]
     assert not header.raw_output_contents
     assert [bytes(v) for v in split_bytes_tensor(raw[1])] == rows
+
+
+def test_tritonserver_gets_the_teacher_malloc_settings_unless_the_caller_sets_them():
+    from pathlib import Path
+
+    from teacher_server import malloc
+    from teacher_server.triton.launch import server_env
+
+    env = server_env(Path("/nonexistent/pytriton/tritonserver"), base={"PATH": "/usr/bin"})
+    assert {k: env[k] for k in malloc.ENV} == malloc.ENV
+    env = server_env(Path("/nonexistent/pytriton/tritonserver"), base={"MALLOC_TRIM_THRESHOLD_": "0"})
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "0"  # the operator's choice wins

@@ -147,11 +147,11 @@ class SyntheticTeacher(TeacherAdapter):
             mask = inputs.get("attention_mask")
             if mask is not None:
                 x = x * mask
-        w = m.w[: x.shape[1]]
-        if x.device.type == "cpu" and w.device.type == "cpu":
+        if x.device.type == "cpu" and m.w.device.type == "cpu":
             # numpy: a tiny product costs a fraction of torch's per-op overhead (a small request's cost)
-            return torch.from_numpy(np.sin(x.numpy() @ w.numpy()).astype(np.float32))
-        return torch.sin(torch.mv(x.double(), w)).float()
+            w = m.w.numpy()[: x.shape[1]]  # a view of the table
+            return torch.from_numpy(np.sin(x.numpy() @ w).astype(np.float32))
+        return torch.sin(torch.mv(x.double(), m.w[: x.shape[1]])).float()
 
     def forward(self, inputs, hidden, attention, logits) -> Capture:
         m, c = self.model, self.c
@@ -162,7 +162,9 @@ class SyntheticTeacher(TeacherAdapter):
         wait_s = (c.latency_ms * deepest / c.layers + c.sample_ms * b) / 1e3
         if wait_s > 0:  # sleep(0) would still give the CPU away
             self.sleep(wait_s)
-        a = self.sample_scalar(inputs).to(m.base.device)  # (B,)
+        a = self.sample_scalar(inputs)  # (B,)
+        if a.device != m.base.device:
+            a = a.to(m.base.device)
         cap = Capture()
         a3, pattern = a.view(-1, 1, 1), m.pattern[:t]  # (B, 1, 1), (T, D)
         for l in hid:

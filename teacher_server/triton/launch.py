@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
+from teacher_server import malloc
+
 
 class TritonNotFound(FileNotFoundError):
     """No tritonserver binary (the ``triton`` extra is not installed)."""
@@ -82,24 +84,12 @@ def prepare_backends(dest: Path, root: Path | None = None) -> Path:
     return dest
 
 
-# glibc malloc settings for the server and its stubs (each one a default the caller's environment
-# overrides). Replies of megabytes are allocated and freed per request on both sides of the Python
-# backend's shared memory; with glibc's defaults such blocks come from fresh mmaps or are trimmed
-# back to the OS, and every request page-faults them in again. Fixed thresholds keep them in the
-# heap: `python -m bench` P4 measured Triton 16 MB replies ~10% faster, at the cost of the heap
-# holding on to up to MALLOC_TRIM_THRESHOLD_ of freed memory. (Triton's own docs suggest tcmalloc
-# or jemalloc via LD_PRELOAD for the same reason; glibc needs no extra library.)
-MALLOC_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": str(256 << 20),
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
-    "MALLOC_TOP_PAD_": str(64 << 20),
-}
-
-
 def server_env(root: Path | None = None, base: dict | None = None) -> dict[str, str]:
     """Environment for the bundled tritonserver and its Python stubs (see the module docstring)."""
     root = root or pytriton_dir()
-    env = {**MALLOC_ENV, **(os.environ if base is None else base)}
+    # reply buffers stay in the heap (teacher_server/malloc.py; Triton's own docs suggest tcmalloc or
+    # jemalloc via LD_PRELOAD for the same reason): defaults the caller's environment overrides
+    env = {**malloc.ENV, **(os.environ if base is None else base)}
     libs = [sysconfig.get_config_var("LIBDIR") or "", str(root.parent.parent / "nvidia_pytriton.libs")]
     env["LD_LIBRARY_PATH"] = os.pathsep.join([p for p in libs if p] + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])

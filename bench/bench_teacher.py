@@ -72,8 +72,8 @@ def _identity(b: bytes) -> bytes:
 def echo_server_process(conn, options: list[tuple[str, Any]]) -> None:
     """Child process: serve the echo on a free loopback port, send the port back over ``conn``.
 
-    With the malloc settings of a teacher process (teacher_server/malloc.py), so both sides of a
-    ratio run with the same process settings (measured: they do not change the echo's speed)."""
+    With the malloc settings of a teacher process (teacher_server/malloc.py): both sides of a ratio
+    run with the same process settings (they speed up large replies of the echo too)."""
     from teacher_server import malloc
 
     malloc.tune()

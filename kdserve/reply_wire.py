@@ -17,6 +17,7 @@ Fields at their default (empty string/bytes/shape) are left out, as protobuf doe
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 import numpy as np
@@ -68,12 +69,26 @@ def _bytes_field(parts: list, key: bytes, buf) -> int:
     return len(head) + n
 
 
+@functools.lru_cache(maxsize=64)
+def _dtype_field(dtype: torch.dtype) -> bytes:
+    """The ``dtype`` field of a Tensor message (the same few bytes for every tensor of a dtype)."""
+    name = codec.dtype_name(dtype).encode()
+    return _DTYPE + varint(len(name)) + name
+
+
+@functools.lru_cache(maxsize=1024)
+def _map_key(name: str) -> bytes:
+    """An ``outputs`` entry's key field (output names repeat on every reply)."""
+    key = name.encode()
+    return _MAP_KEY + varint(len(key)) + key
+
+
 def tensor_parts(t: torch.Tensor, scales: torch.Tensor | None = None) -> tuple[list, int]:
     """A ``Tensor`` message as buffers to join (the data one is a view of ``t``) and its length."""
-    name = codec.dtype_name(t.dtype).encode()
-    parts: list = []
-    n = _bytes_field(parts, _DTYPE, name)
-    n += _bytes_field(parts, _SHAPE, b"".join(varint(int(d)) for d in t.shape))
+    dtype = _dtype_field(t.dtype)
+    parts: list = [dtype]
+    n = len(dtype)
+    n += _bytes_field(parts, _SHAPE, b"".join([varint(int(d)) for d in t.shape]))
     n += _bytes_field(parts, _DATA, _view(t))
     if scales is not None:
         n += _bytes_field(parts, _SCALES, _view(scales.detach().float()))
@@ -83,11 +98,11 @@ def tensor_parts(t: torch.Tensor, scales: torch.Tensor | None = None) -> tuple[l
 def entry_parts(name: str, t: torch.Tensor, scales: torch.Tensor | None = None) -> tuple[list, int]:
     """One ``outputs`` map entry (field 1 of TargetsReply) as buffers to join, and its length."""
     value, vlen = tensor_parts(t, scales)
-    key = name.encode()
-    inner = [_MAP_KEY, varint(len(key)), key, _MAP_VALUE, varint(vlen), *value]
-    ilen = len(_MAP_KEY) + len(inner[1]) + len(key) + len(_MAP_VALUE) + len(inner[4]) + vlen
+    key = _map_key(name)
+    vhead = _MAP_VALUE + varint(vlen)
+    ilen = len(key) + len(vhead) + vlen
     head = _ENTRY + varint(ilen)
-    return [head, *inner], len(head) + ilen
+    return [head, key, vhead, *value], len(head) + ilen
 
 
 class EncodedReply:

@@ -118,10 +118,9 @@ def serve_forever(cfg: TeacherConfig, args: argparse.Namespace) -> None:
     token, use_tls = security(args)
     check_port_free(args.host, args.port, "--port")
     if args.backend == "grpc":
+        from teacher_server import malloc
         from teacher_server.engine import TeacherEngine
         from teacher_server.grpc_server import run_server
-
-        from teacher_server import malloc
 
         creds = tls.server_credentials(args.tls_cert, args.tls_key) if use_tls else None
         malloc.tune()  # this process is the teacher's: reply-sized buffers stay in the heap

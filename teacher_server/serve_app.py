@@ -24,9 +24,9 @@ from kdserve import auth
 from kdserve.teacher_config import TeacherConfig
 from kdserve.v1 import teacher_pb2 as pb
 from kdserve.wire import reply_bytes, reply_samples
+from teacher_server import malloc
 from teacher_server.coalesce import Coalescer
 from teacher_server.engine import TeacherEngine
-from teacher_server import malloc
 from teacher_server.health import probe
 from teacher_server.metrics import get_metrics
 from teacher_server.service import TeacherService, experiment_label, status_of

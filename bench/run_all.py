@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -34,6 +35,7 @@ from pathlib import Path
 from bench.common import Figure, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CACHED_MODEL = "kdserve_cached"
 ALL = ("P1", "P2", "P3", "P4", "F", "C")
 
 
@@ -79,20 +81,26 @@ class Stack:
             self.notes["serve"] = f"{type(e).__name__}: {str(e)[:300]}"
             self.log(f"Ray Serve skipped: {self.notes['serve']}")
 
-    def start_triton(self, cfg) -> str | None:
+    def start_triton(self, cfg) -> dict[str, str]:
+        """The kdserve teacher on tritonserver, and beside it the same model answering from a cache
+        (bench/triton_cached_model.py: Triton's own cost, what bounds P4 for Triton)."""
         try:
+            from bench.p4_overhead import TRITON_CACHED
+            from kdserve.triton_wire import MODEL_NAME
             from teacher_server.triton.launch import run_tritonserver
             from teacher_server.triton.repository import write_repository
 
             repo = self.exit.enter_context(tempfile.TemporaryDirectory(prefix="kdserve-bench-"))
             write_repository(cfg, repo, instance_kind="cpu", instances=1)
+            cached = write_repository(cfg, repo, CACHED_MODEL, instance_kind="cpu", instances=1)
+            shutil.copyfile(Path(__file__).with_name("triton_cached_model.py"), cached / "1" / "model.py")
             server = self.exit.enter_context(run_tritonserver(repo, env={"OMP_NUM_THREADS": "1"}))
             self.log("Triton up")
-            return server.address()
+            return {"Triton": server.address(MODEL_NAME), TRITON_CACHED: server.address(CACHED_MODEL)}
         except Exception as e:  # noqa: BLE001
             self.notes["triton"] = f"{type(e).__name__}: {str(e)[:300]}"
             self.log(f"Triton skipped: {self.notes['triton']}")
-            return None
+            return {}
 
 
 def fmt(v: float, unit: str = "") -> str:
@@ -123,6 +131,60 @@ def markdown(figs: list[Figure], meta: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def p2_p4(args, only: set[str], log, out_dir: Path, stem: str) -> tuple[list[Figure], list[str]]:
+    """P2 and P4, sharing their servers: Ray Serve's figures first, with Ray up; Ray goes down before
+    the plain gRPC and Triton cells of P4 (the echo, their baseline, runs throughout)."""
+    from bench import p2_batching, p4_overhead
+    from bench.bench_teacher import start_echo_server
+    from bench.common import ChildTeacher
+    from kdserve.teacher_config import TeacherConfig
+    from kdserve.wire import CHANNEL_OPTIONS
+
+    figs: list[Figure] = []
+    plots: list[str] = []
+    p2_cfg = TeacherConfig(model=p2_batching.MODEL, device="cpu", num_cpus=0.5, max_batch_size=32,
+                           batch_wait_timeout_s=0.002)
+    p4_cfg = TeacherConfig(model=p4_overhead.MODEL, device="cpu", num_cpus=0.5)
+    p4_rows: list[dict] = []
+    with contextlib.ExitStack() as echo:
+        echo_port = 0
+        if "P4" in only:
+            echo_proc, echo_port = start_echo_server(list(CHANNEL_OPTIONS))
+            echo.callback(echo_proc.terminate)
+        with Stack(log) as stack:  # Ray's figures
+            if not args.no_serve:
+                apps = {}
+                if "P2" in only:
+                    apps["p2"] = p2_cfg.model_dump()
+                if "P4" in only:
+                    apps["p4"] = p4_cfg.model_dump()
+                stack.start_serve(apps)
+            else:
+                stack.notes["serve"] = "--no-serve"
+            if "P2" in only:
+                figs.append(p2_batching.run(args.quick, log, stack.serve.get("p2"), stack.notes.get("serve", "")))
+            if "p4" in stack.serve:
+                p4_rows += p4_overhead.measure(args.quick, log, {"Ray Serve": stack.serve["p4"]}, echo_port)
+            notes = dict(stack.notes)
+        if "P4" in only:
+            with Stack(log) as stack:  # Ray is down
+                grpc_teacher = ChildTeacher(p4_overhead.MODEL)
+                stack.exit.callback(grpc_teacher.stop)
+                addresses = {"plain gRPC": grpc_teacher.wait_ready().address}
+                if not args.no_triton:
+                    addresses.update(stack.start_triton(p4_cfg))
+                else:
+                    stack.notes["triton"] = "--no-triton"
+                notes.update(stack.notes)
+                p4_rows += p4_overhead.measure(args.quick, log, addresses, echo_port)
+            p4 = p4_overhead.figures(args.quick, p4_rows, [f"{k} skipped: {v}" for k, v in notes.items()])
+            figs += p4
+            if p4_rows:
+                p4_overhead.plot(p4_rows, out_dir / f"{stem}-P4.png")
+                plots.append(f"{stem}-P4.png")
+    return figs, plots
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     only = {s.strip().upper() for s in args.only.split(",") if s.strip()}
@@ -131,6 +193,14 @@ def main(argv=None) -> int:
         print(f"unknown figure(s) {sorted(bad)}; use {','.join(ALL)}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
+    # This process is every figure's client. With glibc's defaults, reply-sized buffers go back to
+    # the OS (munmap, heap trim) and their pages fault in again on the next receipt: the client, not
+    # the server, then bounds large replies, by how much depending on what this process ran before
+    # (P4's echo at 16 MB x4: 650 MB/s in a P4-only run, 1,300 after the other figures). With the
+    # teachers' heap settings the client is the same in every run.
+    from teacher_server import malloc
+
+    malloc.tune()
     # SIGTERM (timeout, Ctrl-C in a pod) unwinds like an exception: child servers get stopped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -155,49 +225,9 @@ def main(argv=None) -> int:
         p1_prefetch.plot(f1, out_dir / f"{stem}-P1.png")
         plots.append(f"{stem}-P1.png")
     if {"P2", "P4"} & only:
-        from bench import p2_batching, p4_overhead
-        from kdserve.teacher_config import TeacherConfig
-
-        p2_cfg = TeacherConfig(model=p2_batching.MODEL, device="cpu", num_cpus=0.5, max_batch_size=32,
-                               batch_wait_timeout_s=0.002)
-        p4_cfg = TeacherConfig(model=p4_overhead.MODEL, device="cpu", num_cpus=0.5)
-        with Stack(log) as stack:
-            if not args.no_serve:
-                apps = {}
-                if "P2" in only:
-                    apps["p2"] = p2_cfg.model_dump()
-                if "P4" in only:
-                    apps["p4"] = p4_cfg.model_dump()
-                stack.start_serve(apps)
-            else:
-                stack.notes["serve"] = "--no-serve"
-            if "P2" in only:
-                figs.append(p2_batching.run(args.quick, log, stack.serve.get("p2"), stack.notes.get("serve", "")))
-            if "P4" in only:
-                from bench.bench_teacher import start_echo_server
-                from bench.common import ChildTeacher
-                from kdserve.wire import CHANNEL_OPTIONS
-
-                echo_proc, echo_port = start_echo_server(list(CHANNEL_OPTIONS))
-                stack.exit.callback(echo_proc.terminate)
-                grpc_teacher = ChildTeacher(p4_overhead.MODEL)
-                stack.exit.callback(grpc_teacher.stop)
-                addresses = {"plain gRPC": grpc_teacher.wait_ready().address}
-                if "p4" in stack.serve:
-                    addresses["Ray Serve"] = stack.serve["p4"]
-                if not args.no_triton:
-                    tri = stack.start_triton(p4_cfg)
-                    if tri:
-                        addresses["Triton"] = tri
-                else:
-                    stack.notes["triton"] = "--no-triton"
-                notes = [f"{k} skipped: {v}" for k, v in stack.notes.items()]
-                p4 = p4_overhead.run(args.quick, log, addresses, echo_port, notes)
-                figs += p4
-                rows = [r for f in p4 for r in f.rows]
-                if rows:
-                    p4_overhead.plot(rows, out_dir / f"{stem}-P4.png")
-                    plots.append(f"{stem}-P4.png")
+        f, p = p2_p4(args, only, log, out_dir, stem)
+        figs += f
+        plots += p
 
     if "F" in only or "C" in only:
         from bench import fc_sharing

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
+import numpy as np
 import torch
 
 from kdserve import codec, limits, reply_wire
@@ -79,6 +80,19 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+class _ArrayInput:
+    """A numpy array read as ``validate_inputs`` reads a pb.Tensor: dtype name, shape, data length."""
+
+    __slots__ = ("data", "dtype", "scales", "shape")
+
+    def __init__(self, a: np.ndarray):
+        self.dtype = a.dtype.name  # numpy's names of kdserve's dtypes are kdserve's (bfloat16 has none)
+        self.shape = a.shape
+        # only its length is read; an object array (Triton BYTES) fails the dtype check first
+        self.data = b"" if a.dtype.hasobject else np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        self.scales = b""
+
+
 class TeacherService:
     """The protocol's semantics over one engine; frontends add transport and batching."""
 
@@ -114,19 +128,34 @@ class TeacherService:
 
     def prepare(self, request: pb.TargetsRequest, stream: bool = False) -> Work:
         """Validate and decode a request; raises SpecError / CodecError / TooLarge."""
-        size = request.ByteSize()
+        return self._admit(request, request.inputs, request.ByteSize(), stream,
+                           lambda: {k: codec.decode(v) for k, v in request.inputs.items()})
+
+    def prepare_arrays(self, header: pb.TargetsRequest, arrays: dict[str, np.ndarray], stream: bool = False) -> Work:
+        """``prepare`` for a header without tensors plus its inputs as numpy arrays (Triton's
+        inputs, views of its shared memory): the same checks and errors, with no protobuf round
+        trip. Each array is copied once (the Work outlives the caller's buffers)."""
+        wire = {name: _ArrayInput(a) for name, a in arrays.items()}
+        size = header.ByteSize() + sum(a.nbytes for a in arrays.values())
+        return self._admit(header, wire, size, stream,
+                           lambda: {name: torch.from_numpy(np.array(a)) for name, a in arrays.items()})
+
+    def _admit(self, request: pb.TargetsRequest, wire_inputs, size: int, stream: bool,
+               decode: Callable[[], dict[str, torch.Tensor]]) -> Work:
+        """The checks of every request, cheapest first: size, experiment, inputs' names, dtypes and
+        shapes (``wire_inputs``: name -> pb.Tensor-like), spec; then ``decode()`` and value checks."""
         if size > self.cfg.max_request_bytes:
             raise TooLarge(
                 f"request of {_mb(size)} is over the teacher's max_request_bytes ({_mb(self.cfg.max_request_bytes)}); "
                 "send fewer samples per request"
             )
         check_experiment_id(request.experiment_id)
-        batch = validate_inputs(request.inputs, self.engine.inputs, self.cfg.max_batch_size)
+        batch = validate_inputs(wire_inputs, self.engine.inputs, self.cfg.max_batch_size)
         if request.sample_keys and len(request.sample_keys) != batch:
             raise SpecError(f"sample_keys: {len(request.sample_keys)} keys for {batch} samples")
         key = request.spec.SerializeToString(deterministic=True)
         spec = self._resolve(request.spec, key)
-        inputs = {k: codec.decode(v) for k, v in request.inputs.items()}
+        inputs = decode()
         check_finite(inputs)
         if not stream:
             est = self._reply_bytes(key, request.spec, inputs)

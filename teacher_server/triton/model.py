@@ -84,15 +84,18 @@ class TritonPythonModel:
 
     # -- requests -> Work ------------------------------------------------------------------
     def _decode(self, request):
-        """A Triton request -> (kdserve.v1.TargetsRequest, stream flag)."""
+        """A Triton request -> (header: kdserve.v1.TargetsRequest without tensors, its inputs as
+        numpy arrays, stream flag). The arrays go to ``TeacherService.prepare_arrays`` as they are:
+        no TargetsRequest is built around their bytes only to be parsed back."""
         pb = self.pb
-        rows = pb_utils.get_input_tensor_by_name(request, REQUEST_INPUT)
+        arrays = {t.name(): t.as_numpy() for t in request.inputs()}  # views of Triton's shared memory
+        rows = arrays.pop(REQUEST_INPUT, None)
         if rows is None:
             raise self.SpecError(
                 f"input {REQUEST_INPUT!r} is missing: send one serialized kdserve.v1.TargetsRequest "
                 "(spec, experiment_id, that sample's key; no tensors) per sample"
             )
-        rows = rows.as_numpy().reshape(-1)
+        rows = rows.reshape(-1)
         if not len(rows):
             raise self.SpecError("inputs: batch is empty (dim 0 is 0)")
         headers = []
@@ -112,23 +115,15 @@ class TritonPythonModel:
                     f"{REQUEST_INPUT}[{j}]: spec or experiment_id differs from row 0; one request carries one "
                     "spec (send samples with different specs as separate requests)"
                 )
-        msg = pb.TargetsRequest(
-            experiment_id=head.experiment_id,
-            spec=head.spec,
-            sample_keys=[k for h in headers for k in h.sample_keys],
-        )
-        for tensor in request.inputs():
-            name = tensor.name()
-            if name == REQUEST_INPUT:
-                continue
-            arr = np.ascontiguousarray(tensor.as_numpy())
-            t = msg.inputs[name]  # filled in place: a Tensor built apart would be copied in once more
-            t.dtype = arr.dtype.name  # numpy's names of these dtypes are kdserve's; validate_inputs checks them
-            t.shape.extend(arr.shape)
-            t.data = arr.tobytes()
+        if len(headers) > 1:
+            head = pb.TargetsRequest(
+                experiment_id=head.experiment_id,
+                spec=head.spec,
+                sample_keys=[k for h in headers for k in h.sample_keys],
+            )
         params = request.parameters()
         stream = params not in ("", "{}") and bool(json.loads(params).get(STREAM_PARAMETER, False))
-        return msg, stream
+        return head, arrays, stream
 
     def _error(self, exc: BaseException):
         code, msg = self.status_of(exc)  # the message every kdserve frontend gives
@@ -147,8 +142,8 @@ class TritonPythonModel:
         accepted = []  # (index, TargetsRequest, Work)
         for i, request in enumerate(requests):
             try:
-                msg, stream = self._decode(request)
-                accepted.append((i, msg, self.service.prepare(msg, stream=stream)))
+                head, arrays, stream = self._decode(request)
+                accepted.append((i, head, self.service.prepare_arrays(head, arrays, stream=stream)))
             except Exception as e:  # this request's error; the others go on
                 responses[i] = self._error(e)
         if accepted:

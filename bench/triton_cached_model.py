@@ -25,7 +25,7 @@ def _key(request) -> tuple:
     key = []
     for t in request.inputs():
         a = t.as_numpy()
-        data = b"\0".join(bytes(x) for x in a.reshape(-1)) if a.dtype.hasobject else a.tobytes()
+        data = tuple(bytes(x) for x in a.reshape(-1)) if a.dtype.hasobject else a.tobytes()
         key.append((t.name(), a.shape, data))
     return tuple(key)
 

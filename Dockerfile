@@ -39,7 +39,7 @@ RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"
 WORKDIR /home/ray/kdserve
 COPY --chown=1000:100 . .
 RUN pip install --no-cache-dir ".[${KDSERVE_EXTRAS}]" ${EXTRA_PACKAGES} \
-    && python -c "import kdserve.v1.teacher_pb2_grpc, teacher_server.serve_app, student_workers.job_config"
+    && python -c "import kdserve.v1.teacher_pb2_grpc, teacher_server.serve_app, student_workers.train.job_config"
 
 ENV TOKENIZERS_PARALLELISM=false
 # gRPC (students), Serve HTTP, Ray dashboard, Ray metrics

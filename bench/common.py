@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import grpc
+
+from kdserve.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,12 +39,6 @@ class Figure:
     def as_json(self) -> dict:
         return {"baseline": self.baseline, "measured": self.measured, "ratio": self.ratio, "what": self.what,
                 "unit": self.unit, "rows": self.rows, "notes": self.notes, **self.extra}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(threads: int = 1) -> dict[str, str]:
@@ -114,17 +109,21 @@ async def closed_loop(calls: list[Callable[[], Awaitable[int]]], seconds: float)
 
 
 async def teacher_window(address: str, request, clients: int, seconds: float, decode: bool = True,
-                         depth: int = 1) -> dict:
+                         depth: int = 1, direct: bool = False) -> dict:
     """Closed-loop GetTargets through the client's transport (one TCP connection per client),
     decoding every reply as ``TeacherClient`` does. MB/s counts the whole reply message.
     ``depth``: requests each client keeps in flight on its connection (a Prefetcher's depth).
+    ``direct``: Describe first, so a Ray Serve teacher's replica endpoints are used (else the proxy).
 
     The reply's size is taken once (replies to one request differ only in a few varint bytes of
     timings): with upb, ``ByteSize()`` serialises the message, a cost the echo does not pay."""
     from kdserve import codec
-    from student_workers.client import make_transport
+    from student_workers.client.transport import make_transport
 
     transports = [make_transport(address) for _ in range(clients)]
+    if direct:
+        await asyncio.gather(*(t.describe(60.0) for t in transports))
+        assert all(t._replicas for t in transports), f"{address} lists no replica endpoints"
 
     def make(t):
         size: list[int] = []
@@ -145,10 +144,10 @@ async def teacher_window(address: str, request, clients: int, seconds: float, de
 
 
 async def echo_window(port: int, reply_bytes: int, request_bytes: int, clients: int, seconds: float) -> dict:
-    """The same closed loop against the bare grpc.aio bytes echo of bench_teacher."""
+    """The same closed loop against the bare grpc.aio bytes echo of ``bench/echo.py``."""
     import struct
 
-    from bench.bench_teacher import ECHO_METHOD, ECHO_SERVICE, LOCAL_POOL, _identity
+    from bench.echo import ECHO_METHOD, ECHO_SERVICE, LOCAL_POOL, identity
     from kdserve.wire import CHANNEL_OPTIONS
 
     request = struct.pack("<Q", reply_bytes) + bytes(max(0, request_bytes - 8))
@@ -156,8 +155,8 @@ async def echo_window(port: int, reply_bytes: int, request_bytes: int, clients: 
                 for _ in range(clients)]
 
     def make(ch):
-        rpc = ch.unary_unary(f"/{ECHO_SERVICE}/{ECHO_METHOD}", request_serializer=_identity,
-                             response_deserializer=_identity)
+        rpc = ch.unary_unary(f"/{ECHO_SERVICE}/{ECHO_METHOD}", request_serializer=identity,
+                             response_deserializer=identity)
 
         async def call() -> int:
             return len(await rpc(request))

@@ -8,11 +8,12 @@ import time
 import torch
 
 from kdserve.config import apply_overrides, build
-from student_workers.data import load_tokenizer
-from student_workers.downstream.config import DownstreamConfig
-from student_workers.downstream.encoder import teacher_as_student
-from student_workers.downstream.report import evaluate_models, format_table
-from student_workers.students import StudentConfig, build_student
+from student_workers.data.tokenizer import load_tokenizer
+from student_workers.eval.downstream.config import DownstreamConfig
+from student_workers.eval.downstream.encoder import teacher_as_student
+from student_workers.eval.downstream.report import evaluate_models, format_table
+from student_workers.models.base import StudentConfig
+from student_workers.models.build import build_student
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     import torch
 
     from kdserve import wire
-    from student_workers.client import SyncTeacherClient
+    from student_workers.client.sync_client import SyncTeacherClient
     from kdserve.teacher_config import TeacherConfig
     from teacher_server.engine import TeacherEngine, Work
     from teacher_server.grpc_server import run_server

@@ -3,23 +3,41 @@
     python -m bench --quick                 # ~5 min on a 2-core machine
     python -m bench --only P1,P3            # some figures
     python -m bench --no-serve --no-triton  # plain gRPC only
+    python -m bench --sweep NAME [its options]   # one of the wider, standalone measurements below
 
 Figures (every number is a ratio against a baseline measured in the same run):
   P1 prefetch  student steps/s, remote synthetic teacher + Prefetcher vs targets in memory;
-               and the curve as the teacher's latency grows past the step time (p1_prefetch.py)
-  P2 batching  samples/s, 4 clients x batch 8 vs one in-process engine call at batch 32
+               and the curve as the teacher's latency grows past the step time, its lowest
+               steps/s over 1 / max(latency, step) (prefetch.py)
+  P2 batching  samples/s, 4 clients x batch 8 vs one in-process engine call at batch 32 (batching.py)
   P3 wire      bytes on the wire per sample vs the requested tensors' raw bytes, per reduction/dtype
+               (wire_bytes.py)
   P4 overhead  MB/s and req/s through plain gRPC, Ray Serve, Triton vs a bare grpc.aio bytes echo
-  F  fairness  a light experiment's p50 beside a flooding one, fair scheduler vs FIFO
-  C  cache     a second experiment on the same data, target cache on, vs the first (fc_sharing.py)
-  (P5, GPU only: bench/gpu_p5.py)
+               (transport_overhead.py; the echo: echo.py)
+  P6 scaling   samples/s of 4 Ray Serve replicas vs 4x one, latency-bound synthetic teacher (scaling.py)
+  F  fairness  a light experiment's p50 beside a flooding one, fair scheduler vs FIFO (fairness.py)
+  C  cache     a second experiment on the same data, target cache on, vs the first; and a repeated
+               experiment's forwards over its first run's on 1 and 3 Ray Serve replicas (target_cache.py)
+  S3 store     bytes the target store keeps per target vs the raw tensor bytes (store_bytes.py; no Ray)
+  S1 store job student steps/s training from the store (mode read, no teacher) vs the same loop without
+               KD (store_jobs.py; no Ray)
+  S2 precompute  precompute samples/s (keys + teacher in process + store writes) vs the in-process
+               engine alone at the same batch (store_jobs.py; no Ray)
 Writes bench/results/<date>-<host>.json, .md (printed too) and P1/P4 plots (PNG).
+
+Sweeps (--sweep NAME; the options after NAME are the script's own, --sweep NAME --help lists them):
+  prefetch-training  P1 with a real training step (BERT student, MiniLM teacher, WordNet), depths
+  triton-vs-serve    one real teacher on Triton and on Ray Serve, alternating windows
+  fairness           figure F's script with its own knobs (clients, batches, think time)
+  target-cache       figure C's script with its own knobs (batches, cache size)
+  gpu-p5             P5 (GPU): samples/s vs a bare torch forward (also python bench/gpu_p5.py)
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime as dt
+import importlib
 import json
 import logging
 import math
@@ -32,20 +50,41 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Figure, free_port
+from bench.common import Figure
+from kdserve.net import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHED_MODEL = "kdserve_cached"
-ALL = ("P1", "P2", "P3", "P4", "F", "C")
+ALL = ("P1", "P2", "P3", "P4", "P6", "F", "C", "S1", "S2", "S3")
+SWEEPS = {
+    "prefetch-training": "bench.prefetch_training",
+    "triton-vs-serve": "bench.triton_vs_serve",
+    "fairness": "bench.fairness",
+    "target-cache": "bench.target_cache",
+    "gpu-p5": "bench.gpu_p5",
+}
+
+
+def split_sweep(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The runner's arguments up to ``--sweep NAME``, and the sweep's own after it."""
+    for i, a in enumerate(argv):
+        if a == "--sweep":
+            return argv[: i + 2], argv[i + 2:]
+        if a.startswith("--sweep="):
+            return argv[: i + 1], argv[i + 1:]
+    return argv, []
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short windows and fewer points (~5 min on 2 cores)")
     p.add_argument("--only", default=",".join(ALL), help="comma-separated figures, e.g. P1,P3")
-    p.add_argument("--no-serve", action="store_true", help="skip Ray Serve (P2, P4)")
+    p.add_argument("--no-serve", action="store_true", help="skip Ray Serve (P2, P4, P6, C across replicas)")
     p.add_argument("--no-triton", action="store_true", help="skip Triton (P4)")
     p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--sweep", choices=sorted(SWEEPS), default=None,
+                   help="run one wider, standalone measurement instead of the figures; the arguments after "
+                        "NAME are its own (--sweep NAME --help)")
     return p.parse_args(argv)
 
 
@@ -85,7 +124,7 @@ class Stack:
         """The kdserve teacher on tritonserver, and beside it the same model answering from a cache
         (bench/triton_cached_model.py: Triton's own cost, what bounds P4 for Triton)."""
         try:
-            from bench.p4_overhead import TRITON_CACHED
+            from bench.transport_overhead import TRITON_CACHED
             from kdserve.triton_wire import MODEL_NAME
             from teacher_server.triton.launch import run_tritonserver
             from teacher_server.triton.repository import write_repository
@@ -134,17 +173,16 @@ def markdown(figs: list[Figure], meta: dict) -> str:
 def p2_p4(args, only: set[str], log, out_dir: Path, stem: str) -> tuple[list[Figure], list[str]]:
     """P2 and P4, sharing their servers: Ray Serve's figures first, with Ray up; Ray goes down before
     the plain gRPC and Triton cells of P4 (the echo, their baseline, runs throughout)."""
-    from bench import p2_batching, p4_overhead
-    from bench.bench_teacher import start_echo_server
+    from bench import batching, scaling, target_cache, transport_overhead
+    from bench.echo import start_echo_server
     from bench.common import ChildTeacher
     from kdserve.teacher_config import TeacherConfig
     from kdserve.wire import CHANNEL_OPTIONS
 
     figs: list[Figure] = []
     plots: list[str] = []
-    p2_cfg = TeacherConfig(model=p2_batching.MODEL, device="cpu", num_cpus=0.5, max_batch_size=32,
-                           batch_wait_timeout_s=0.002)
-    p4_cfg = TeacherConfig(model=p4_overhead.MODEL, device="cpu", num_cpus=0.5)
+    p2_cfg = TeacherConfig(model=batching.MODEL, device="cpu", serve={"num_cpus": 0.5}, max_batch_size=32)
+    p4_cfg = TeacherConfig(model=transport_overhead.MODEL, device="cpu", serve={"num_cpus": 0.5})
     p4_rows: list[dict] = []
     with contextlib.ExitStack() as echo:
         echo_port = 0
@@ -158,35 +196,49 @@ def p2_p4(args, only: set[str], log, out_dir: Path, stem: str) -> tuple[list[Fig
                     apps["p2"] = p2_cfg.model_dump()
                 if "P4" in only:
                     apps["p4"] = p4_cfg.model_dump()
+                if "P6" in only:
+                    apps.update(scaling.app_configs())
+                if "C" in only:
+                    apps.update(target_cache.replica_app_configs())
                 stack.start_serve(apps)
             else:
                 stack.notes["serve"] = "--no-serve"
             if "P2" in only:
-                figs.append(p2_batching.run(args.quick, log, stack.serve.get("p2"), stack.notes.get("serve", "")))
+                figs.append(batching.run(args.quick, log, stack.serve.get("p2"), stack.notes.get("serve", "")))
+            if "p6x4" in stack.serve:
+                figs.append(scaling.run(args.quick, log, stack.serve))
+            if "c3" in stack.serve:
+                figs += target_cache.replica_figures(args.quick, log, stack.serve)
             if "p4" in stack.serve:
-                p4_rows += p4_overhead.measure(args.quick, log, {"Ray Serve": stack.serve["p4"]}, echo_port)
+                p4_rows += transport_overhead.measure(
+                    args.quick, log, {"Ray Serve": stack.serve["p4"], transport_overhead.DIRECT: stack.serve["p4"]}, echo_port)
             notes = dict(stack.notes)
         if "P4" in only:
             with Stack(log) as stack:  # Ray is down
-                grpc_teacher = ChildTeacher(p4_overhead.MODEL)
+                grpc_teacher = ChildTeacher(transport_overhead.MODEL)
                 stack.exit.callback(grpc_teacher.stop)
                 addresses = {"plain gRPC": grpc_teacher.wait_ready().address}
                 if not args.no_triton:
-                    addresses.update(stack.start_triton(p4_cfg))
+                    # the same teacher, without the Serve section Triton ignores (and refuses)
+                    addresses.update(stack.start_triton(p4_cfg.model_copy(update={"serve": type(p4_cfg.serve)()})))
                 else:
                     stack.notes["triton"] = "--no-triton"
                 notes.update(stack.notes)
-                p4_rows += p4_overhead.measure(args.quick, log, addresses, echo_port)
-            p4 = p4_overhead.figures(args.quick, p4_rows, [f"{k} skipped: {v}" for k, v in notes.items()])
+                p4_rows += transport_overhead.measure(args.quick, log, addresses, echo_port)
+            p4 = transport_overhead.figures(args.quick, p4_rows, [f"{k} skipped: {v}" for k, v in notes.items()])
             figs += p4
             if p4_rows:
-                p4_overhead.plot(p4_rows, out_dir / f"{stem}-P4.png")
+                transport_overhead.plot(p4_rows, out_dir / f"{stem}-P4.png")
                 plots.append(f"{stem}-P4.png")
     return figs, plots
 
 
 def main(argv=None) -> int:
+    argv, sweep_argv = split_sweep(list(sys.argv[1:] if argv is None else argv))
     args = parse_args(argv)
+    if args.sweep:
+        result = importlib.import_module(SWEEPS[args.sweep]).main(sweep_argv)
+        return result if isinstance(result, int) else 0
     only = {s.strip().upper() for s in args.only.split(",") if s.strip()}
     bad = only - set(ALL)
     if bad:
@@ -214,32 +266,43 @@ def main(argv=None) -> int:
     plots: list[str] = []
 
     if "P3" in only:
-        from bench import p3_wire
+        from bench import wire_bytes
 
-        figs.append(p3_wire.run(args.quick, log))
+        figs.append(wire_bytes.run(args.quick, log))
+    if "S3" in only:
+        from bench import store_bytes
+
+        figs.append(store_bytes.figure(args.quick, log))
+    if {"S1", "S2"} & only:
+        from bench import store_jobs
+
+        figs += store_jobs.figures(args.quick, only, log)
     if "P1" in only:
-        from bench import p1_prefetch
+        from bench import prefetch
 
-        f1 = p1_prefetch.run(args.quick, log)
-        figs.append(f1)
-        p1_prefetch.plot(f1, out_dir / f"{stem}-P1.png")
+        f1 = prefetch.run(args.quick, log)
+        figs += f1
+        prefetch.plot(f1[0], out_dir / f"{stem}-P1.png")
         plots.append(f"{stem}-P1.png")
-    if {"P2", "P4"} & only:
+    if {"P2", "P4", "P6"} & only or ("C" in only and not args.no_serve):
         f, p = p2_p4(args, only, log, out_dir, stem)
         figs += f
         plots += p
 
-    if "F" in only or "C" in only:
-        from bench import fc_sharing
+    if "F" in only:
+        from bench import fairness
 
-        if "F" in only:
-            figs.append(fc_sharing.fairness(args.quick, log))
-        if "C" in only:
-            figs.append(fc_sharing.cache(args.quick, log))
+        figs.append(fairness.figure(args.quick, log))
+    if "C" in only:
+        from bench import target_cache
 
-    order = {k: i for i, k in enumerate(["P1_prefetch_ratio", "P2_batching_ratio", "P3_bytes_ratio",
-                                         "P4_ratio_grpc", "P4_ratio_serve", "P4_ratio_triton",
-                                         "F_fairness_light_p50", "C_cache_speedup"])}
+        figs.append(target_cache.figure(args.quick, log))
+
+    order = {k: i for i, k in enumerate(["P1_prefetch_ratio", "P1_prefetch_curve_min", "P2_batching_ratio", "P3_bytes_ratio",
+                                         "P4_ratio_grpc", "P4_ratio_serve", "P4_ratio_serve_direct", "P4_ratio_triton", "P6_scaling_efficiency",
+                                         "F_fairness_light_p50", "C_cache_speedup",
+                                         "C_cache_repeat_forwards_1_replica", "C_cache_repeat_forwards_3_replicas",
+                                         "S1_store_training_ratio", "S2_precompute_ratio", "S3_store_bytes_ratio"])}
     figs.sort(key=lambda f: order.get(f.key, 99))
     import grpc
     import torch

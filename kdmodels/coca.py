@@ -2,7 +2,7 @@
 
 One implementation serves both sides of kdserve: the teacher adapter
 (``teacher_server/adapters/coca.py``) and the student kind ``coca``
-(``student_workers/students_coca.py``), so teacher and student compute hidden states and
+(``student_workers/models/coca.py``), so teacher and student compute hidden states and
 attention maps the same way.
 
 Three modules, named as the teacher server names them:
@@ -513,7 +513,7 @@ def save_checkpoint(path: str | Path, model: CoCaModel, meta: Mapping[str, Any] 
 
 def uniform_layers(n_new: int, n_src: int) -> list[int]:
     """Source block (1-based) for each new block: k -> ceil(k * n_src / n_new) (the uniform map of
-    methods.md section 6), so the last new block takes the last source block."""
+    docs/methods.md#layer-maps), so the last new block takes the last source block."""
     if not 1 <= n_new <= n_src:
         raise ValueError(f"cannot take {n_new} blocks from a module with {n_src}")
     return [math.ceil(k * n_src / n_new) for k in range(1, n_new + 1)]
@@ -546,7 +546,7 @@ def load_checkpoint(path: str | Path, overrides: Mapping[str, Any] | None = None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"CoCa checkpoint {str(path)!r} does not exist (train one: python -m student_workers.train_vlm_teacher --out {path})"
+            f"CoCa checkpoint {str(path)!r} does not exist (train one: python -m student_workers.models.train_vlm_teacher --out {path})"
         )
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:

@@ -1,7 +1,7 @@
 """Model-side helpers that teacher adapters and students share: how hidden states and TRUE
 attention probabilities are exposed from timm and Hugging Face models.
 
-Both sides must capture the same tensors the same way (methods.md section 4 asks for the
+Both sides must capture the same tensors the same way (docs/methods.md#attention-maps asks for the
 post-softmax probabilities even where the model's own forward uses a fused kernel), so the
 context managers live here, once.
 """

@@ -45,7 +45,9 @@ def _format(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "<root>"
-        msg = "unknown key (check the spelling; see the config reference)" if e["type"] == "extra_forbidden" else e["msg"]
+        # pydantic prefixes a validator's own words with "Value error, ": the user needs only the words
+        msg = ("unknown key (check the spelling; see the config reference)" if e["type"] == "extra_forbidden"
+               else e["msg"].removeprefix("Value error, "))
         lines.append(f"{source}: {loc}: {msg}")
     return "\n".join(lines)
 

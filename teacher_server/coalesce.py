@@ -5,7 +5,9 @@ still running, so under load requests arriving mid-forward become one-request ba
 behind it. Both frontends (the Ray Serve deployment and the plain gRPC server) therefore hand
 their requests to one Coalescer per engine: a single drain loop forms each next forward from
 everything waiting (up to ``max_samples``), picked by a ``FairQueue`` (fair across experiments,
-or FIFO), after dropping work whose caller went away and answering cache hits without a forward.
+or FIFO), after dropping work whose caller went away and answering cache hits without a forward:
+first the in-memory TargetCache, then the persistent target store (``target_store``, TeacherConfig
+``store``), asked in a worker thread; what a forward computes goes to both.
 
 Where a forward runs: on a worker thread, so the loop keeps taking requests meanwhile; but one
 predicted (from the last forward, scaled by samples x tokens) to take under ``inline_forward_ms``
@@ -28,10 +30,12 @@ import asyncio
 import time
 from typing import Any, Callable
 
+from teacher_server import malloc
 from teacher_server.engine import BatchStats, Work
 from teacher_server.fair_queue import FairQueue, Policy
 from teacher_server.spec import SpecError, TooLarge, shown
 from teacher_server.target_cache import TargetCache
+from teacher_server import target_store
 
 
 class InputRejected(SpecError):
@@ -73,6 +77,7 @@ class Coalescer:
         max_requests: int = 0,
         max_queued_bytes: int = 0,
         inline_forward_ms: float = 0.0,
+        store: target_store.TeacherStore | None = None,
     ):
         self._run = run
         self.max_samples = max_samples
@@ -82,6 +87,8 @@ class Coalescer:
         self._metrics = metrics
         self._drainer: asyncio.Task | None = None
         self._keys: dict[int, str] = {}  # id(future) -> cache key of its work
+        self.store = store
+        self._store_keys: dict[int, tuple[str, list[str]]] = {}  # id(future) -> (spec_repr, sample keys)
         self.max_requests = max_requests  # per experiment, 0: no cap
         self.max_queued_bytes = max_queued_bytes
         self.inline_forward_ms = inline_forward_ms
@@ -90,12 +97,20 @@ class Coalescer:
 
     @classmethod
     def from_config(cls, engine, cfg, on_batch=None, metrics=None, cache_events=None) -> "Coalescer":
-        """The Coalescer a frontend puts in front of ``engine`` as ``cfg`` (TeacherConfig) says."""
-        cache = TargetCache(cfg.cache_bytes, engine.fingerprint, cache_events) if cfg.cache_bytes > 0 else None
-        return cls(engine.run, cfg.max_batch_size, on_batch=on_batch, scheduler=cfg.scheduler,
-                   weights=cfg.experiment_weights, cache=cache, metrics=metrics,
-                   max_requests=cfg.max_requests_per_experiment, max_queued_bytes=cfg.max_queued_bytes_per_experiment,
-                   inline_forward_ms=cfg.inline_forward_ms)
+        """The Coalescer a frontend puts in front of ``engine`` as ``cfg`` (TeacherConfig) says;
+        raises ConfigError (one line) when ``cfg.store`` names another teacher's store."""
+        sh = cfg.sharing
+        cache = TargetCache(sh.cache_bytes, engine.fingerprint, cache_events) if sh.cache_bytes > 0 else None
+        store = target_store.from_config(cfg, engine.fingerprint, getattr(metrics, "store_event", None))
+        return cls(engine.run, cfg.max_batch_size, on_batch=on_batch, scheduler=sh.scheduler,
+                   weights=sh.experiment_weights, cache=cache, metrics=metrics,
+                   max_requests=sh.max_requests_per_experiment, max_queued_bytes=sh.max_queued_bytes_per_experiment,
+                   inline_forward_ms=sh.inline_forward_ms, store=store)
+
+    def close(self) -> None:
+        """At the frontend's shutdown: the target store writes and flushes what it holds."""
+        if self.store is not None:
+            self.store.close()
 
     def _admit(self, works: list[Work]) -> list[tuple[str, int]]:
         """Reserve each work's slot and bytes under its experiment's caps, all or none; raises Overloaded."""
@@ -146,13 +161,10 @@ class Coalescer:
         for w in works:
             f = loop.create_future()
             futures.append(f)
-            if self.cache is not None:
-                key = self.cache.key(w)
-                hit = self.cache.get(key)
-                if hit is not None:  # no forward: the stats say so
-                    f.set_result((hit, BatchStats(1, w.samples, 0.0, forwards=0), 0.0))
-                    continue
-                self._keys[id(f)] = key
+            hit = await self._recall(w, f)
+            if hit is not None:  # no forward: the stats say so
+                f.set_result((hit, BatchStats(1, w.samples, 0.0, forwards=0), 0.0))
+                continue
             self.queue.enqueue(w.experiment, (w, f), work_cost(w), w.samples)
         idle = self._drainer is None or self._drainer.done()
         if idle and len(works) == 1 and len(self.queue) == 1 and self._inline(work_cost(works[0])):
@@ -165,6 +177,26 @@ class Coalescer:
         if len(futures) == 1:
             return [await futures[0]]
         return list(await asyncio.gather(*futures))
+
+    async def _recall(self, w: Work, f: asyncio.Future) -> dict | None:
+        """``w``'s outputs from the cache, else from the store (every sample, in a thread), else None
+        with ``f``'s keys noted for ``_settle`` to fill both."""
+        key = self.cache.key(w) if self.cache is not None else None
+        if key is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit
+        if self.store is not None and w.spec_text:
+            keys, hit = await asyncio.to_thread(self.store.lookup, w)
+            if hit is not None:
+                if key is not None:
+                    self.cache.put(key, hit)
+                return hit
+            if keys is not None:
+                self._store_keys[id(f)] = (w.spec_text, keys)
+        if key is not None:
+            self._keys[id(f)] = key
+        return None
 
     def _take(self) -> list[tuple[Work, asyncio.Future]]:
         """The next forward's requests; cancelled ones (the caller went away) are dropped first."""
@@ -179,6 +211,7 @@ class Coalescer:
     def _gone(self, f: asyncio.Future) -> bool:
         if f.done():  # cancelled (or otherwise settled): never computed
             self._keys.pop(id(f), None)
+            self._store_keys.pop(id(f), None)
             return True
         return False
 
@@ -199,12 +232,14 @@ class Coalescer:
             else:  # in a thread: the event loop keeps accepting requests during the forward
                 results, stats = await asyncio.to_thread(self._run, works)
         except Exception as e:
+            malloc.note_activity()
             self._last = None  # no estimate from a failure: the next forward goes to a thread
             if len(take) == 1:
                 self._settle(take[0], error=e)
             else:
                 await self._isolate(take, start)
             return
+        malloc.note_activity()  # a forward just ended (maybe for callers gone): not idle yet
         self._last = (stats.compute_ms, cost)  # the engine's own time: a hand-off's wait is not in it
         if self._on_batch:
             self._on_batch(stats)
@@ -249,6 +284,7 @@ class Coalescer:
     def _settle(self, item: tuple[Work, asyncio.Future], result=None, error: BaseException | None = None) -> None:
         _, f = item
         key = self._keys.pop(id(f), None)
+        stored = self._store_keys.pop(id(f), None)
         if f.done():
             return
         if error is not None:
@@ -256,4 +292,6 @@ class Coalescer:
             return
         if key is not None and self.cache is not None:
             self.cache.put(key, result[0])
+        if stored is not None and self.store is not None:
+            self.store.write(*stored, result[0])
         f.set_result(result)

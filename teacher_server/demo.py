@@ -2,12 +2,14 @@
 
 Starts a local Ray cluster, deploys the packaged MiniLM teacher (or ``--model``) with gRPC
 ingress, sends real English sentences (WordNet glosses when installed) over real gRPC, and prints
-the targets' shapes, bytes per sample for each reduction, and the server's timings.
+the targets' shapes, bytes per sample for each reduction, and the server's timings. Serve's gRPC
+proxy listens on every interface, so the demo's teacher requires a random token only it knows.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
     import transformers
     from ray import serve
 
-    from kdserve import codec, wire
+    from kdserve import auth, codec, wire
     from kdserve.v1 import teacher_pb2 as pb
     from kdserve.v1 import teacher_pb2_grpc as pb_grpc
     from kdserve.packaged import minilm_dir
@@ -56,10 +58,13 @@ def main(argv=None) -> int:
     t0 = time.time()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        deploy(TeacherConfig(model="minilm", num_cpus=1), grpc_port=args.port, http_port=args.port + 1)
-        print(f"[{time.time() - t0:5.1f}s] teacher up on grpc://127.0.0.1:{args.port}")
+        token = secrets.token_urlsafe(32)
+        deploy(TeacherConfig(model="minilm", num_cpus=1), grpc_port=args.port, http_port=args.port + 1,
+               auth_token=token)
+        print(f"[{time.time() - t0:5.1f}s] teacher up on grpc://127.0.0.1:{args.port} (bearer token required)")
         stub = pb_grpc.TeacherServiceStub(grpc.insecure_channel(f"127.0.0.1:{args.port}", options=wire.CHANNEL_OPTIONS))
-        info = stub.Describe(pb.DescribeRequest())
+        md = auth.metadata(token)
+        info = stub.Describe(pb.DescribeRequest(), metadata=md)
         m = info.modules[0]
         print(f"model {info.model_name}  fingerprint {info.fingerprint}")
         print(f"module {m.name}: {m.num_layers} blocks, hidden {m.hidden_size}, {m.num_heads} heads")
@@ -77,7 +82,7 @@ def main(argv=None) -> int:
         }
         print(f"{'targets':34s} {'outputs':48s} {'bytes/sample':>12s} {'server ms':>9s}")
         for name, spec in specs.items():
-            reply = stub.GetTargets(wire.build_request(inputs, spec, experiment_id="demo"))
+            reply = stub.GetTargets(wire.build_request(inputs, spec, experiment_id="demo"), metadata=md)
             shapes = ", ".join(f"{k}{tuple(codec.decode(v).shape)}" for k, v in list(reply.outputs.items())[:1])
             more = f" +{len(reply.outputs) - 1}" if len(reply.outputs) > 1 else ""
             per = sum(codec.nbytes(v) for v in reply.outputs.values()) // len(sents)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kdserve import registry, wire
-from kdserve.targets import data2vec_target, head_mean, quantize_int8
+from kdserve.targets import data2vec_target, head_mean, mean_pool, quantize_int8
 from teacher_server import adapters  # noqa: F401  (registers the teacher kinds)
 from teacher_server.adapters.base import TeacherAdapter
 from kdserve.teacher_config import TeacherConfig
@@ -45,6 +45,9 @@ class Work:
     spec: TargetSpec
     enqueued: float = field(default_factory=time.perf_counter)
     experiment: str = ""  # who asked: the fair scheduler's queue and the metrics' label
+    held_bytes: int = 0  # what answering it holds on the teacher (TeacherService's estimate)
+    reserved: int = 0  # of held_bytes, what is counted against max_memory_bytes right now
+    spec_text: str = ""  # kdserve.store.spec_repr of the request's wire spec: the target store's keys hash it
 
     @functools.cached_property
     def samples(self) -> int:  # asked by the queue, the engine and the metrics: computed once
@@ -281,6 +284,9 @@ def _reduce(spec: TargetSpec, cap, sl: slice | None, masks: dict, tokens: dict |
         hs = [_cut(cap.hidden[(module, l)], sl, T) for l in layers]  # L x (b, T_i, D)
         if spec.hidden_reduction == "data2vec":
             out[f"data2vec.{module}"] = data2vec_target(hs, spec.data2vec_eps, masks.get(module))
+        elif spec.hidden_reduction == "mean":
+            for l, h in zip(layers, hs):
+                out[f"pooled.{module}.{l}"] = mean_pool(h, masks.get(module))  # (b, D)
         else:
             for l, h in zip(layers, hs):
                 out[f"hidden.{module}.{l}"] = h

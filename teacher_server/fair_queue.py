@@ -33,6 +33,9 @@ def weight_of(experiment: str, weights: dict[str, float] | None) -> float:
     return best
 
 
+MAX_KNOWN = 1024  # experiments whose counters are kept; idle ones beyond it are forgotten
+
+
 @dataclass
 class _Entry:
     seq: int
@@ -71,10 +74,21 @@ class FairQueue:
         """Queue ``item`` for ``experiment``; ``cost`` is what serving it is charged (samples x tokens)."""
         e = self._exps.get(experiment)
         if e is None:
+            if len(self._exps) >= MAX_KNOWN:
+                self._forget_idle()
             e = self._exps[experiment] = _Experiment(weight_of(experiment, self.weights))
         if not e.queue:  # (re)joining: no credit for the time it was idle
             e.counter = max(e.counter, self._min_backlogged_counter(default=self._vtime))
         e.queue.append(_Entry(next(self._seq), item, float(cost), int(samples)))
+
+    def _forget_idle(self) -> None:
+        """Drop the state of experiments with nothing queued, oldest first, down to half of
+        MAX_KNOWN: a stream of distinct ids (a client minting one per request) must not grow the
+        scheduler's memory and per-pick work without bound. A forgotten experiment that comes back
+        starts at the current virtual time, as any idle one does (it loses only unserved debt)."""
+        idle = [name for name, e in self._exps.items() if not e.queue]
+        for name in idle[: max(0, len(self._exps) - MAX_KNOWN // 2)]:
+            del self._exps[name]
 
     def discard(self, drop: Callable[[Any], bool]) -> int:
         """Remove every queued item for which ``drop(item)`` is true (cancelled work); returns how many."""

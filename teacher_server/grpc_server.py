@@ -25,11 +25,11 @@ from typing import Iterator, Sequence
 
 import grpc
 
-from kdserve import auth, reply_wire, wire
-from kdserve.v1 import teacher_pb2 as pb
+from kdserve import auth, methods, reply_wire, wire
 from kdserve.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.coalesce import Coalescer
 from teacher_server.engine import TeacherEngine
+from teacher_server import malloc
 from teacher_server.health import HealthReporter
 from teacher_server.metrics import get_metrics
 from teacher_server.service import TeacherService, status_of
@@ -37,6 +37,15 @@ from teacher_server.service import TeacherService, status_of
 # The protocol's message limit both ways; and no SO_REUSEPORT: a second teacher started on a busy
 # port must fail to bind, not silently share the port (and the students) with the first.
 SERVER_OPTIONS = [*wire.CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
+REQUEST_SLACK = 1 << 20  # over max_request_bytes: the teacher's own check (with its advice) answers first
+
+
+def server_options(max_request_bytes: int) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS, receiving at most about ``max_request_bytes``: gRPC refuses a larger message
+    (RESOURCE_EXHAUSTED) from its length prefix, before buffering it whole."""
+    limit = min(wire.MAX_MESSAGE, max_request_bytes + REQUEST_SLACK)
+    return [*((k, v) for k, v in SERVER_OPTIONS if k != "grpc.max_receive_message_length"),
+            ("grpc.max_receive_message_length", limit)]
 
 
 class _LoopThread:
@@ -66,18 +75,40 @@ class Servicer(pb_grpc.TeacherServiceServicer):
             cache_events=self.metrics.cache_event,
         )
 
+    @classmethod
+    def sharing(cls, service: TeacherService, coalescer: Coalescer, metrics) -> "Servicer":
+        """Handlers over another frontend's service, batcher and metrics (a Serve replica's direct
+        endpoint): both ways in share one queue, one fair share, one memory budget."""
+        self = cls.__new__(cls)
+        self.service, self.coalescer, self.metrics = service, coalescer, metrics
+        return self
+
+    async def _refuse_malformed(self, request, context) -> None:
+        """Bytes that did not parse (kdserve.methods): INVALID_ARGUMENT with one fixed line."""
+        if isinstance(request, methods.Malformed):
+            self.metrics.malformed(request.kind)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
     async def Describe(self, request, context):
+        await self._refuse_malformed(request, context)
         return self.service.describe()
 
     async def _compute(self, request, context, stream: bool):
+        """(work, outputs, stats, queue_ms); the work's memory stays reserved (the caller releases)."""
+        await self._refuse_malformed(request, context)
+        work = None
         try:
             work = self.service.prepare(request, stream=stream)
             work.experiment = request.experiment_id
+            self.service.reserve(work)
             ((outputs, stats, queue_ms),) = await self.coalescer.submit([work])
+            self.service.check_outputs(outputs)
         except asyncio.CancelledError:  # client gone or deadline passed: the queue drops the work
+            self.service.release(work)
             self.metrics.refused(request.experiment_id, grpc.StatusCode.CANCELLED.name)
             raise
         except Exception as e:  # every failure becomes a status, never a dead server
+            self.service.release(work)
             code, msg = status_of(e)
             self.metrics.refused(request.experiment_id, code.name)
             await context.abort(code, msg)
@@ -86,16 +117,27 @@ class Servicer(pb_grpc.TeacherServiceServicer):
     async def GetTargets(self, request, context):
         """Answers a reply_wire.EncodedReply: the serialised TargetsReply (see ``add_servicer``)."""
         work, outputs, stats, queue_ms = await self._compute(request, context, stream=False)
-        # On the loop: encoding only lists views of the tensors; their one copy (the join in the
-        # response serializer) holds the GIL wherever it runs, so a thread would add a hand-off only.
-        reply = self.service.reply(request, work, outputs, stats, queue_ms, encoded=True)
+        try:
+            # On the loop: encoding only lists views of the tensors; their one copy (the join in the
+            # response serializer) holds the GIL wherever it runs, so a thread would add a hand-off only.
+            reply = self.service.reply(request, work, outputs, stats, queue_ms, encoded=True)
+        finally:
+            self.service.release(work)  # the reply's one copy is made by the serializer, right after
         self.metrics.answered(request.experiment_id, reply.samples, reply.payload_bytes, queue_ms)
         return reply
 
     async def StreamTargets(self, request, context):
-        work, outputs, stats, queue_ms = await self._compute(request, context, stream=True)
+        answer = await self._compute(request, context, stream=True)
+        work, streaming = answer[0], self._stream(request, context, *answer)
+        del answer  # _stream alone holds the outputs: they go as soon as it drops them
+        try:
+            await streaming
+        finally:
+            self.service.release(work)  # sent, stalled or cancelled: the outputs are gone with the handler
+
+    async def _stream(self, request, context, work, outputs, stats, queue_ms) -> None:
         samples = nbytes = 0
-        stall_s = self.service.cfg.stream_stall_timeout_s
+        stall_s = self.service.cfg.grpc.stream_stall_timeout_s
         # lazy: one encoded at a time, off the loop (chunks are stream_chunk_bytes each)
         chunks = self.service.chunks(request, work, outputs, stats, queue_ms, encoded=True)
         del outputs  # the generator holds them; dropped with it when the stream ends or is cancelled
@@ -117,25 +159,13 @@ class Servicer(pb_grpc.TeacherServiceServicer):
 
 
 def add_servicer(servicer: Servicer, server: grpc.aio.Server) -> None:
-    """Register ``servicer`` like ``add_TeacherServiceServicer_to_server``, except that GetTargets and
-    StreamTargets answer pre-serialised replies (reply_wire.EncodedReply): their serializer only
-    hands the bytes over, so protobuf never copies nor re-serialises the tensors."""
-    handlers = {
-        "Describe": grpc.unary_unary_rpc_method_handler(
-            servicer.Describe, request_deserializer=pb.DescribeRequest.FromString,
-            response_serializer=pb.TeacherInfo.SerializeToString,
-        ),
-        "GetTargets": grpc.unary_unary_rpc_method_handler(
-            servicer.GetTargets, request_deserializer=pb.TargetsRequest.FromString,
-            response_serializer=reply_wire.identity,
-        ),
-        "StreamTargets": grpc.unary_stream_rpc_method_handler(
-            servicer.StreamTargets, request_deserializer=pb.TargetsRequest.FromString,
-            response_serializer=reply_wire.identity,
-        ),
-    }
-    service = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    """Register ``servicer`` like ``add_TeacherServiceServicer_to_server``, with two differences:
+    requests that do not parse reach the handlers as ``kdserve.methods.Malformed`` (answered
+    INVALID_ARGUMENT, not grpcio's UNKNOWN), and GetTargets and StreamTargets answer
+    pre-serialised replies (reply_wire.EncodedReply): their serializer only hands the bytes over,
+    so protobuf never copies nor re-serialises the tensors."""
+    methods.add_TeacherServiceServicer_to_server(
+        servicer, server, {"GetTargets": reply_wire.identity, "StreamTargets": reply_wire.identity})
 
 
 @contextlib.contextmanager
@@ -148,7 +178,7 @@ def run_server(
 
     The server runs on its own loop thread; the caller's thread is free. ``workers``: threads for
     the synchronous grpc.health.v1 servicer. ``metrics_port`` (default: the engine config's
-    ``metrics_port``; 0 = none) serves Prometheus metrics over HTTP on ``host``. ``auth_token``:
+    ``grpc.metrics_port``; 0 = none) serves Prometheus metrics over HTTP on ``host``. ``auth_token``:
     calls need ``authorization: Bearer <token>`` (kdserve.auth); ``tls``: see
     kdserve.tls.server_credentials; ``interceptors``: more ``grpc.aio.ServerInterceptor``s after
     the auth check; grpc.health.v1 follows a probe forward (teacher_server.health).
@@ -168,6 +198,7 @@ def serving(
 ) -> Iterator[tuple[int, Servicer]]:
     """``run_server``, yielding (port, servicer): for tests that look into the queue, or a subclass
     (``servicer_cls``, default ``Servicer``)."""
+    engine.cfg.check_frontend("grpc")  # an option only Serve or Triton reads would be ignored here
     chain = [*auth.interceptors(auth_token, allow_unauthenticated_describe), *interceptors]
     home = _LoopThread()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdserve-health")
@@ -178,18 +209,20 @@ def serving(
         servicer, server, bound = home.submit(start).result()
         if bound == 0:
             raise OSError(f"cannot bind {host}:{port}")
-        metrics_port = engine.cfg.metrics_port if metrics_port is None else metrics_port
+        metrics_port = engine.cfg.grpc.metrics_port if metrics_port is None else metrics_port
         if metrics_port:
             import prometheus_client
 
             http, _ = prometheus_client.start_http_server(metrics_port, addr=host)
         reporter.start()
+        malloc.start_trimmer()  # freed reply buffers go back to the OS once requests stop
         home.submit(server.start()).result()
         try:
             yield bound, servicer
         finally:
             reporter.stop()
             home.submit(server.stop(grace=2)).result()
+            servicer.coalescer.close()  # the target store writes and flushes what it holds
     finally:
         home.close()
         pool.shutdown(wait=False, cancel_futures=True)
@@ -198,13 +231,22 @@ def serving(
             http.server_close()
 
 
-async def _start(servicer, address, tls, chain, pool, reporter) -> tuple[Servicer, grpc.aio.Server, int]:
-    """Built on the loop thread: a grpc.aio server belongs to the loop it was created on."""
-    server = grpc.aio.server(migration_thread_pool=pool, options=SERVER_OPTIONS, interceptors=chain)
+def build_server(servicer: Servicer, address: str, tls=None, interceptors: Sequence = (),
+                 pool: concurrent.futures.Executor | None = None) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server of ``servicer`` bound to ``address`` (port 0: a free one), not started;
+    (server, bound port, 0 when it could not bind). Call it on the loop that will run the server."""
+    options = server_options(servicer.service.cfg.max_request_bytes)
+    server = grpc.aio.server(migration_thread_pool=pool, options=options, interceptors=list(interceptors))
     add_servicer(servicer, server)
-    reporter.add_to_server(server)
     try:
         bound = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
     except RuntimeError:  # grpcio raises on a port in use
         bound = 0
+    return server, bound
+
+
+async def _start(servicer, address, tls, chain, pool, reporter) -> tuple[Servicer, grpc.aio.Server, int]:
+    """Built on the loop thread: a grpc.aio server belongs to the loop it was created on."""
+    server, bound = build_server(servicer, address, tls, chain, pool)
+    reporter.add_to_server(server)
     return servicer, server, bound

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 import threading
 
+from teacher_server.spec import MAX_EXPERIMENT_CHARS
+
 MAX_EXPERIMENTS = 32
 _BAD_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -31,6 +33,8 @@ class ExperimentLabels:
         self._lock = threading.Lock()
 
     def __call__(self, experiment: str) -> str:
+        if len(experiment) > MAX_EXPERIMENT_CHARS:  # refused anyway; never kept (a client may send megabytes)
+            return "invalid"
         label = self._seen.get(experiment)  # every request asks: no regex, no lock for a known id
         if label is not None:
             return label
@@ -86,6 +90,8 @@ class TeacherMetrics:
         self.samples = counter("kdserve_teacher_samples", "Samples answered.", exp)
         self.bytes_out = counter("kdserve_teacher_reply_bytes", "Target bytes sent.", exp)
         self.errors = counter("kdserve_teacher_errors", "Requests refused, by gRPC status.", ("experiment", "code"))
+        self.malformed_requests = counter("kdserve_teacher_malformed_requests",
+                                          "Requests whose bytes did not parse (also in errors).", ("message",))
         self.queue_ms = hist("kdserve_teacher_queue_wait_ms", "Wait for a batch to start.", _BUCKETS_MS, exp)
         self.compute_ms = hist("kdserve_teacher_compute_ms", "Forward + reductions per batch.", _BUCKETS_MS, ())
         self.batch_samples = hist("kdserve_teacher_batch_samples", "Samples per server batch.", _BUCKETS_BATCH, ())
@@ -98,6 +104,10 @@ class TeacherMetrics:
         self.queue_len = gauge("kdserve_teacher_queue_requests", "Requests waiting for a forward.", exp)
         self.cache_events = counter("kdserve_teacher_cache_events", "Target cache hits, misses, evictions.", ("event",))
         self.cache_size = gauge("kdserve_teacher_cache_bytes", "Bytes held by the target cache.", ())
+        self.store_events = counter(
+            "kdserve_teacher_store_events", "Target store: samples answered from it (hit) or forwarded after asking it "
+            "(miss), rows written back (write) or dropped (drop: write queue full), failed store calls (error).",
+            ("event",))
         self.labels = ExperimentLabels()
 
     def answered(self, experiment: str, samples: int, nbytes: int, queue_ms: float) -> None:
@@ -127,6 +137,11 @@ class TeacherMetrics:
     def refused(self, experiment: str, code: str) -> None:
         self.errors.inc(1, tags={"experiment": self.labels(experiment), "code": code})
 
+    def malformed(self, kind: str) -> None:
+        """A request that did not parse as ``kind`` (a message name): refused INVALID_ARGUMENT."""
+        self.malformed_requests.inc(1, tags={"message": kind})
+        self.refused("", "INVALID_ARGUMENT")
+
     # -- the Coalescer's hooks ---------------------------------------------------------------
     def served(self, experiment: str, samples: int) -> None:
         if samples > 0:
@@ -146,6 +161,11 @@ class TeacherMetrics:
             self.cache_size.set(n)
         elif n > 0:
             self.cache_events.inc(n, tags={"event": kind})
+
+    def store_event(self, kind: str, n: int = 1) -> None:
+        """The target store's ``on_event`` (teacher_server.target_store)."""
+        if n > 0:
+            self.store_events.inc(n, tags={"event": kind})
 
 
 _SHARED: dict[str, TeacherMetrics] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -16,11 +17,15 @@ import numpy as np
 import torch
 
 from kdserve import codec, limits, reply_wire
+from kdserve.store.keys import spec_repr  # no fsspec: the store itself is an extra
+from kdserve.targets import is_finite
 from kdserve.teacher_config import TeacherConfig
 from kdserve.v1 import teacher_pb2 as pb
 from kdserve.wire import batch_size
+from teacher_server import malloc
 from teacher_server.engine import BatchStats, Quantized, TeacherEngine, Work
 from teacher_server.spec import (
+    MAX_EXPERIMENT_CHARS,
     SpecError,
     TargetSpec,
     TooLarge,
@@ -29,9 +34,9 @@ from teacher_server.spec import (
     shown,
     validate_inputs,
 )
+from teacher_server.texts import TextInputs, tokenized_inputs
 
 log = logging.getLogger("kdserve.teacher")
-MAX_EXPERIMENT_CHARS = 128
 MAX_CACHED_SPECS = 256
 
 
@@ -76,6 +81,38 @@ def check_finite(inputs: dict[str, torch.Tensor]) -> None:
             raise SpecError(f"inputs[{name!r}]: {bad} of {t.numel()} values are NaN or infinite")
 
 
+def captured_bytes(spec: TargetSpec, modules, num_classes: int, batch: int, seq: int) -> int:
+    """Bytes of what the forward captures for ``spec`` before reductions and the wire dtype: every
+    selected layer's float32 hidden states (B, T, D) and attention maps (B, H, T, T), and the
+    logits (B, C). ``seq`` sizes modules without a fixed token count (text)."""
+    mods = {m.name: m for m in modules}
+    total = 0
+    for module, layers in spec.hidden:
+        m = mods[module]
+        total += len(layers) * batch * (m.num_tokens if m.num_tokens > 0 else seq) * m.hidden_size * 4
+    for module, layers in spec.attention:
+        m = mods[module]
+        t = m.num_tokens if m.num_tokens > 0 else seq
+        total += len(layers) * batch * m.num_heads * t * t * 4
+    if spec.logits:
+        total += batch * num_classes * 4
+    return total
+
+
+def check_outputs(outputs: dict) -> None:
+    """Targets with NaN or Inf never leave the teacher: SpecError naming the first such output.
+
+    One reduction pass per tensor (kdserve.targets.is_finite), a fraction of the cost of encoding
+    it; an int8 target is checked through its scales (a non-finite value makes its row's scale so).
+    """
+    for name, v in outputs.items():
+        if not is_finite(v.scales if isinstance(v, Quantized) else v):
+            raise SpecError(
+                f"output {name!r} holds NaN or Inf: these inputs drive the teacher out of its numeric range "
+                "(check their scale and preprocessing), or the target dtype is too narrow for the values"
+            )
+
+
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -100,8 +137,20 @@ class TeacherService:
         self.engine = engine
         self.cfg = cfg or engine.cfg
         self._info: pb.TeacherInfo | None = None
-        self._specs: dict[bytes, TargetSpec] = {}  # serialized spec -> resolved (frozen) TargetSpec
-        self._estimates: dict[tuple[bytes, int, int], int] = {}  # (serialized spec, batch, tokens) -> reply bytes
+        # serialized spec -> (resolved (frozen) TargetSpec, its kdserve.store.spec_repr)
+        self._specs: dict[bytes, tuple[TargetSpec, str]] = {}
+        # (serialized spec, batch, tokens, stream) -> (reply bytes, held bytes)
+        self._estimates: dict[tuple[bytes, int, int, bool], tuple[int, int]] = {}
+        self.held = 0  # bytes reserved by requests in flight (``reserve``)
+        self._memory_lock = threading.Lock()  # Triton's instances may share a service across threads
+        self._texts: TextInputs | None | bool = False  # the texts path, made on first use (None: no tokenizer)
+
+    @property
+    def texts(self) -> TextInputs | None:
+        """The teacher's texts path (its tokenizer), or None when it takes no raw text."""
+        if self._texts is False:
+            self._texts = TextInputs.of(getattr(self.engine, "adapter", None))
+        return self._texts
 
     def describe(self) -> pb.TeacherInfo:
         """The Describe answer (built once: the engine and its config do not change)."""
@@ -124,10 +173,13 @@ class TeacherService:
             max_request_bytes=self.cfg.max_request_bytes,
             max_reply_bytes=self.cfg.max_reply_bytes,
             preprocessing=json.dumps(e.adapter.preprocessing, sort_keys=True),
+            caches_targets=self.cfg.sharing.cache_bytes > 0,
+            tokenizer=self.texts.info() if self.texts else None,
         )
 
     def prepare(self, request: pb.TargetsRequest, stream: bool = False) -> Work:
-        """Validate and decode a request; raises SpecError / CodecError / TooLarge."""
+        """Validate and decode a request; raises SpecError / CodecError / TooLarge. ``stream``: a
+        flow-controlled stream, which holds one chunk of its reply at a time."""
         return self._admit(request, request.inputs, request.ByteSize(), stream,
                            lambda: {k: codec.decode(v) for k, v in request.inputs.items()})
 
@@ -144,52 +196,97 @@ class TeacherService:
                decode: Callable[[], dict[str, torch.Tensor]]) -> Work:
         """The checks of every request, cheapest first: size, experiment, inputs' names, dtypes and
         shapes (``wire_inputs``: name -> pb.Tensor-like), spec; then ``decode()`` and value checks."""
+        malloc.note_activity()
         if size > self.cfg.max_request_bytes:
             raise TooLarge(
                 f"request of {_mb(size)} is over the teacher's max_request_bytes ({_mb(self.cfg.max_request_bytes)}); "
                 "send fewer samples per request"
             )
         check_experiment_id(request.experiment_id)
+        key = request.spec.SerializeToString(deterministic=True)
+        if request.texts:  # from here on, a text request is the token request its tokenizer makes
+            wire_inputs, decode = self._tokenized(request, wire_inputs, key)
         batch = validate_inputs(wire_inputs, self.engine.inputs, self.cfg.max_batch_size)
         if request.sample_keys and len(request.sample_keys) != batch:
             raise SpecError(f"sample_keys: {len(request.sample_keys)} keys for {batch} samples")
-        key = request.spec.SerializeToString(deterministic=True)
-        spec = self._resolve(request.spec, key)
+        spec, spec_text = self._resolve(request.spec, key)
+        ids = wire_inputs.get("input_ids")
+        seq = int(ids.shape[1]) if ids is not None and len(ids.shape) > 1 else 0
+        reply, held = self._sizes(key, spec, request.spec, batch, seq, stream)
+        if not stream and reply > self.cfg.max_reply_bytes:
+            raise TooLarge(
+                f"reply would be {_mb(reply)}, over max_reply_bytes ({_mb(self.cfg.max_reply_bytes)}): "
+                "use StreamTargets, fewer samples or layers, a reduction (data2vec, head_mean) or dtype float16/int8"
+            )
+        if held > self.cfg.max_request_memory_bytes:
+            raise TooLarge(
+                f"request would hold {_mb(held)} on the teacher (targets as computed, float32 before reductions, "
+                f"plus the {'stream chunk' if stream else 'reply'}), over max_request_memory_bytes "
+                f"({_mb(self.cfg.max_request_memory_bytes)}): send fewer samples or layers per request"
+            )
         inputs = decode()
         check_finite(inputs)
-        if not stream:
-            est = self._reply_bytes(key, request.spec, inputs)
-            if est > self.cfg.max_reply_bytes:
-                raise TooLarge(
-                    f"reply would be {_mb(est)}, over max_reply_bytes ({_mb(self.cfg.max_reply_bytes)}): "
-                    "use StreamTargets, fewer samples or layers, a reduction (data2vec, head_mean) or dtype float16/int8"
-                )
-        work = Work(inputs, spec)
+        work = Work(inputs, spec, held_bytes=held, spec_text=spec_text)
         self.engine.check(work)
         return work
 
-    def _resolve(self, msg: pb.TargetSpec, key: bytes) -> TargetSpec:
-        """``resolve_spec`` once per distinct spec (``key``: its deterministic serialisation): an
-        experiment sends the same spec every step."""
-        spec = self._specs.get(key)
-        if spec is None:
-            spec = resolve_spec(msg, self.engine.modules, self.engine.num_classes)  # raises SpecError
+    def _tokenized(self, request: pb.TargetsRequest, wire_inputs, key: bytes):
+        """(wire inputs, decode) of ``request.texts`` as the teacher tokenizes them (teacher_server.texts)."""
+        arrays = tokenized_inputs(self.texts, request, wire_inputs, lambda: self._resolve(request.spec, key)[0],
+                                  self.cfg.max_batch_size, self.engine.inputs)
+        return ({k: _ArrayInput(a) for k, a in arrays.items()},
+                lambda: {k: torch.from_numpy(a) for k, a in arrays.items()})
+
+    def reserve(self, work: Work) -> None:
+        """Count ``work.held_bytes`` against ``max_memory_bytes`` until ``release(work)``; raises
+        TooLarge (RESOURCE_EXHAUSTED) when the requests in flight already hold too much. Frontends
+        hold it from admission until the last byte of the reply is handed over (streams included)."""
+        with self._memory_lock:
+            if self.held + work.held_bytes > self.cfg.max_memory_bytes:
+                raise TooLarge(
+                    f"the teacher holds {_mb(self.held)} for requests in flight; {_mb(work.held_bytes)} more is over "
+                    f"its max_memory_bytes ({_mb(self.cfg.max_memory_bytes)}): retry later, or ask for less per request"
+                )
+            self.held += work.held_bytes
+            work.reserved = work.held_bytes
+
+    def release(self, work: Work | None) -> None:
+        """Undo ``reserve`` (idempotent; None and unreserved work are no-ops)."""
+        if work is None or not work.reserved:
+            return
+        with self._memory_lock:
+            self.held -= work.reserved
+            work.reserved = 0
+        malloc.note_activity()  # its buffers were just freed: the trimmer waits for quiet after this
+
+    def _resolve(self, msg: pb.TargetSpec, key: bytes) -> tuple[TargetSpec, str]:
+        """``resolve_spec`` and ``spec_repr`` once per distinct spec (``key``: its deterministic
+        serialisation): an experiment sends the same spec every step."""
+        known = self._specs.get(key)
+        if known is None:
+            known = (resolve_spec(msg, self.engine.modules, self.engine.num_classes), spec_repr(msg))  # SpecError
             if len(self._specs) >= MAX_CACHED_SPECS:
                 self._specs.clear()  # many distinct specs: start over rather than grow
-            self._specs[key] = spec
-        return spec
+            self._specs[key] = known
+        return known
 
-    def _reply_bytes(self, key: bytes, spec: pb.TargetSpec, inputs: dict[str, torch.Tensor]) -> int:
-        """``estimate_reply_bytes``, once per (spec, batch, tokens): the same shapes come every step."""
-        ids = inputs.get("input_ids")
-        shape = (key, batch_size(inputs), int(ids.shape[1]) if ids is not None and ids.dim() > 1 else 0)
-        est = self._estimates.get(shape)
-        if est is None:
-            est = self.estimate_reply_bytes(spec, inputs)
+    def _sizes(self, key: bytes, spec: TargetSpec, msg: pb.TargetSpec, batch: int, seq: int,
+               stream: bool) -> tuple[int, int]:
+        """(reply bytes, bytes the request holds on the teacher) for ``batch`` samples of ``seq``
+        tokens, from shapes alone; once per (spec, batch, tokens, stream): the same shapes come
+        every step. ``stream``: a flow-controlled stream, which holds one chunk of its reply."""
+        shape = (key, batch, seq, stream)
+        sizes = self._estimates.get(shape)
+        if sizes is None:
+            reply = limits.estimate_reply_bytes(self.describe(), batch, seq, msg)
+            sent = min(reply, self.cfg.stream_chunk_bytes) if stream else reply
+            sizes = (reply, captured_bytes(spec, self.engine.modules, self.engine.num_classes, batch, seq) + sent)
             if len(self._estimates) >= 4 * MAX_CACHED_SPECS:
                 self._estimates.clear()  # bounded, like the spec cache
-            self._estimates[shape] = est
-        return est
+            self._estimates[shape] = sizes
+        return sizes
+
+    check_outputs = staticmethod(check_outputs)
 
     def estimate_reply_bytes(self, spec: pb.TargetSpec, inputs: dict[str, torch.Tensor]) -> int:
         """Exact size of the outputs' data, known before any compute (kdserve.limits: the client's formula)."""
@@ -280,4 +377,4 @@ def _nbytes(v) -> int:
     return v.numel() * v.element_size()
 
 
-__all__ = ["TeacherService", "payload_nbytes", "status_of"]
+__all__ = ["TeacherService", "captured_bytes", "check_outputs", "payload_nbytes", "status_of"]

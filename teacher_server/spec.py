@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from kdserve.codec import FLOAT_DTYPES, itemsize
 from kdserve.v1 import teacher_pb2 as pb
 
-HIDDEN_REDUCTIONS = ("none", "data2vec")
+HIDDEN_REDUCTIONS = ("none", "data2vec", "mean")
 ATTENTION_REDUCTIONS = ("none", "head_mean")
 MAX_DIM = 2**31 - 1  # no tensor the teacher takes has a longer axis
 SHOWN_CHARS = 64  # client-supplied text quoted in a message, per piece
 MESSAGE_CHARS = 400  # a whole status message
+MAX_EXPERIMENT_CHARS = 128  # a longer experiment_id is refused (and never becomes a metric label)
 
 
 def shown(value: object, limit: int = SHOWN_CHARS) -> str:
@@ -85,13 +86,6 @@ class TargetSpec:
         for module, layers in self.attention:
             att.setdefault(module, set()).update(layers)
         return hid, att
-
-
-@dataclass
-class TeacherLimits:
-    max_batch_size: int = 64
-    max_request_bytes: int = 256 << 20
-    max_reply_bytes: int = 1 << 30
 
 
 def _resolve_layers(
@@ -165,6 +159,10 @@ def resolve_spec(msg: pb.TargetSpec, modules: list[ModuleInfo], num_classes: int
     )
     if spec.is_empty():
         raise SpecError("spec is empty: ask for hidden layers, attention layers or logits")
+    for module, _ in spec.attention:
+        if by_name[module].num_heads == 0:
+            raise SpecError(f"spec.attention: module {shown(module)} has no attention maps (no attention layers); "
+                            "ask for its hidden states only")
     if hidden_reduction == "data2vec":
         for module, layers in spec.hidden:
             sizes = by_name[module].layer_sizes

@@ -12,7 +12,6 @@ import difflib
 
 import torch
 
-from kdserve import registry
 from kdserve.config import ConfigError
 from kdserve.teacher_config import TeacherConfig
 from kdserve.v1 import teacher_pb2 as pb
@@ -71,7 +70,3 @@ def describe_config(cfg: TeacherConfig, field: str = "teacher") -> pb.TeacherInf
         max_request_bytes=cfg.max_request_bytes,
         max_reply_bytes=cfg.max_reply_bytes,
     )
-
-
-def known_kinds() -> list[str]:
-    return registry.names("teacher")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
@@ -10,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
+from kdserve.net import free_port  # noqa: E402
 from kdserve.teacher_config import TeacherConfig  # noqa: E402
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10)
@@ -28,10 +28,54 @@ def minilm_config(**kw) -> TeacherConfig:
     return TeacherConfig(model="minilm", **kw)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ClientClock:
+    """The retry clock of ``student_workers.client.async_client``, faked: its ``time.monotonic()`` and
+    ``asyncio.sleep()``. Time moves only when the client sleeps (a backoff) or a test calls
+    ``advance``; each sleep is recorded in ``sleeps``. Everything else (gRPC's own deadlines,
+    ``perf_counter``) stays real, so a test can count attempts and sleeps instead of timing them."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    async def sleep(self, seconds: float, result=None):
+        import asyncio
+
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)  # still a suspension point, as a real sleep is
+        return result
+
+
+class _Patched:
+    """A module with some attributes replaced (the rest are the real module's)."""
+
+    def __init__(self, real, **replaced):
+        self._real = real
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name: str):
+        return getattr(self._real, name)
+
+
+@pytest.fixture
+def client_clock(monkeypatch) -> ClientClock:
+    """A ``ClientClock`` installed in ``student_workers.client.async_client`` for the duration of the test."""
+    import asyncio
+    import time
+
+    from student_workers.client import async_client as client_mod
+
+    clock = ClientClock()
+    monkeypatch.setattr(client_mod, "time", _Patched(time, monotonic=clock.monotonic))
+    monkeypatch.setattr(client_mod, "asyncio", _Patched(asyncio, sleep=clock.sleep))
+    return clock
 
 
 @pytest.fixture(scope="session")
@@ -74,10 +118,10 @@ def serve_teachers(ray_cluster):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, grpc_options=grpc_options(port))
     vit = tiny_vit_config(
-        num_cpus=0.5, batch_wait_timeout_s=0.05, max_batch_size=8,
+        serve={"num_cpus": 0.5}, max_batch_size=8,
         max_request_bytes=1 << 20, stream_chunk_bytes=4096,
     )
-    mini = minilm_config(num_cpus=0.5, max_batch_size=16)
+    mini = minilm_config(serve={"num_cpus": 0.5}, max_batch_size=16)
     serve.run(build_app(vit.model_dump()), name="teacher", route_prefix="/")
     serve.run(build_app(mini.model_dump()), name="minilm", route_prefix="/minilm")
     return {"port": port, "vit": vit, "minilm": mini}

@@ -155,6 +155,7 @@ async def _collect(call):
     return [c async for c in call]
 
 
+@pytest.mark.unit
 def test_token_check_unit():
     check = auth.TokenCheck(TOKEN, open_methods=[auth.DESCRIBE])
     assert TOKEN not in repr(check) and TOKEN not in repr(auth.AuthInterceptor(TOKEN))
@@ -170,6 +171,7 @@ def test_token_check_unit():
     assert auth.interceptors(None) == []
 
 
+@pytest.mark.unit
 def test_load_token(tmp_path, monkeypatch):
     monkeypatch.delenv(auth.ENV_VAR, raising=False)
     assert auth.load_token(None) is None
@@ -187,16 +189,25 @@ def test_load_token(tmp_path, monkeypatch):
 
 
 # -- the CLI's safe defaults ------------------------------------------------------------------------
-def test_cli_defaults_to_loopback_and_warns_when_open(monkeypatch, capsys, tmp_path):
+@pytest.mark.unit
+def test_cli_defaults_to_loopback_and_refuses_to_serve_open(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv(auth.ENV_VAR, raising=False)
     args = cli.parse_args(["--backend", "grpc"])
     assert args.host == "127.0.0.1"
     assert cli.security(args) == (None, False)
     assert "warning" not in capsys.readouterr().err
 
-    assert cli.security(cli.parse_args(["--backend", "grpc", "--host", "0.0.0.0"])) == (None, False)
-    err = capsys.readouterr().err
-    assert "warning: serving on 0.0.0.0 without authentication" in err and "--auth-token-file" in err
+    # reachable from other machines without a token: refused, unless the operator says --insecure
+    for argv, why in ((["--backend", "grpc", "--host", "0.0.0.0"], "--host 0.0.0.0 is reachable"),
+                      ([], "Ray Serve's gRPC proxy binds every interface"),
+                      (["--host", "127.0.0.1"], "Ray Serve's gRPC proxy binds every interface")):
+        with pytest.raises(cli.ConfigError) as e:
+            cli.security(cli.parse_args(argv))
+        assert why in str(e.value) and "--auth-token-file" in str(e.value) and "--insecure" in str(e.value)
+        assert "\n" not in str(e.value)
+        assert cli.security(cli.parse_args([*argv, "--insecure"])) == (None, False)
+        err = capsys.readouterr().err
+        assert "warning: serving without authentication (--insecure)" in err and why in err
 
     f = tmp_path / "tok"
     f.write_text(TOKEN)
@@ -211,6 +222,7 @@ def test_cli_defaults_to_loopback_and_warns_when_open(monkeypatch, capsys, tmp_p
         cli.security(cli.parse_args(["--tls-cert", "c.pem", "--tls-key", "k.pem"]))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("host,loop", [("127.0.0.1", True), ("127.8.0.1", True), ("::1", True), ("[::1]", True),
                                        ("localhost", True), ("0.0.0.0", False), ("::", False), ("10.1.2.3", False)])
 def test_is_loopback(host, loop):

@@ -10,9 +10,11 @@ import contextlib
 import logging
 import pickle
 import re
+import subprocess
+import sys
 import threading
-import time
 from concurrent import futures
+from pathlib import Path
 from typing import Iterator
 
 import grpc
@@ -22,20 +24,16 @@ import torch
 from kdserve import wire
 from kdserve.v1 import teacher_pb2 as pb
 from kdserve.v1 import teacher_pb2_grpc as pb_grpc
-from student_workers.client import (
-    FingerprintMismatch,
-    GrpcTransport,
-    SyncTeacherClient,
-    TeacherClient,
-    TeacherError,
-    TeacherUnavailable,
-    connect,
-    estimate_reply_bytes,
-)
+from student_workers.client.async_client import connect, TeacherClient
+from student_workers.client.errors import FingerprintMismatch, TeacherError, TeacherUnavailable
+from student_workers.client.grpc_transport import GrpcTransport
+from student_workers.client.stats import estimate_reply_bytes
+from student_workers.client.sync_client import SyncTeacherClient
 from teacher_server.engine import Quantized, TeacherEngine, Work
 from teacher_server.grpc_server import Servicer, run_server, serving
 from teacher_server.spec import resolve_spec
-from tests.conftest import free_port, tiny_vit_config
+from kdserve.net import free_port
+from tests.conftest import tiny_vit_config
 
 FAST = dict(timeout=5.0, max_retries=2, backoff_s=0.01, max_backoff_s=0.05, seed=0)
 
@@ -160,23 +158,22 @@ def test_auto_stream_above_max_reply_bytes(chunky_port):
     assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and retries == 0
 
 
-def test_invalid_argument_raises_at_once(vit_port):
+def test_invalid_argument_raises_at_once(vit_port, client_clock):
     bad = wire.target_spec(hidden={"vision": [99]})
     addr = f"grpc://127.0.0.1:{vit_port}"
 
     async def go():
         async with TeacherClient(addr, timeout=5.0, max_retries=5, backoff_s=1.0) as c:
-            t0 = time.perf_counter()
             with pytest.raises(TeacherError) as err:
                 await c.get_targets({"pixel_values": images(2)}, bad)
-            return err.value, c.stats, time.perf_counter() - t0
+            return err.value, c.stats
 
-    err, stats, dt = run(go())
+    err, stats = run(go())
     assert not isinstance(err, TeacherUnavailable)
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert str(err).startswith(f"teacher at {addr} answered INVALID_ARGUMENT: ")
     assert "layer 99 is out of range" in str(err) and "\n" not in str(err)
-    assert stats.retries == 0 and dt < 1.0  # a 1 s backoff would show
+    assert stats.retries == 0 and client_clock.sleeps == []  # no 1 s backoff, not even one
 
 
 def test_unreachable_raises_unavailable_bounded():
@@ -192,8 +189,12 @@ def test_unreachable_raises_unavailable_bounded():
     assert "\n" not in msg
 
 
-def test_retry_budget_is_the_stopping_rule(caplog):
-    """Without max_retries the client retries until retry_budget_s is spent, logging each retry."""
+def test_retry_budget_is_the_stopping_rule(caplog, client_clock):
+    """Without max_retries the client retries until retry_budget_s is spent, logging the outage once
+    (then at most one line per RETRY_LOG_S), not every retry.
+
+    Real refused connections, the client's clock faked (``client_clock``): only its backoff sleeps
+    move it, so the count of attempts does not depend on how fast this machine refuses them."""
     caplog.set_level(logging.WARNING, logger="kdserve.client")
     port = free_port()
     budget = 1.0
@@ -204,16 +205,20 @@ def test_retry_budget_is_the_stopping_rule(caplog):
         c.describe()
     c.close()
     e = err.value
-    # every retry was decided inside the budget: it stopped once the next backoff (at most 0.1 s)
-    # would have crossed it, after an attempt that began inside it (a refused loopback connection
-    # fails within milliseconds); at 0.05-0.1 s per backoff that is many retries
-    assert budget - c.client.max_backoff_s <= e.elapsed_s <= budget + 0.25
-    assert e.attempts == c.stats.retries + 1 >= 5
+    sleeps = client_clock.sleeps
+    assert e.attempts == c.stats.retries + 1 == len(sleeps) + 1  # one backoff before each retry
+    for i, s in enumerate(sleeps):  # backoff_s * 2**i, capped at max_backoff_s, jittered into [0.5, 1]
+        assert 0.5 * min(0.1, 0.02 * 2**i) <= s <= min(0.1, 0.02 * 2**i)
+    # every retry was decided inside the budget, and it stopped only once the next backoff (at
+    # most 0.1 s) could have crossed it; at most 0.02 + 0.04 + 0.08 + 0.1 per further backoff,
+    # passing 0.9 s takes at least 11 of them
+    assert e.elapsed_s == pytest.approx(sum(sleeps))
+    assert budget - c.client.max_backoff_s < e.elapsed_s <= budget
+    assert e.attempts >= 12
     lines = [r.getMessage() for r in caplog.records if r.name == "kdserve.client"]
-    assert len(lines) == c.stats.retries
-    assert re.fullmatch(r"teacher unavailable, retrying \(1, [0-9.]+ s\): Describe at grpc://127\.0\.0\.1:\d+ "
-                        r"answered UNAVAILABLE", lines[0])
-    assert lines[-1].startswith(f"teacher unavailable, retrying ({c.stats.retries}, ")
+    assert len(lines) == 1  # RETRY_LOG_S (30 s) is longer than the whole budget
+    assert re.fullmatch(r"teacher unavailable, retrying for up to 1 s \(Describe at grpc://127\.0\.0\.1:\d+ "
+                        r"answered UNAVAILABLE; 0 s so far, attempt 1\)", lines[0]), lines[0]
 
 
 class SilentServicer(pb_grpc.TeacherServiceServicer):
@@ -229,15 +234,17 @@ class SilentServicer(pb_grpc.TeacherServiceServicer):
         context.abort(grpc.StatusCode.CANCELLED, "released")
 
 
-def test_silent_teacher_fails_each_call_at_its_deadline_then_one_line():
+def test_silent_teacher_fails_each_call_at_its_deadline_then_one_line(client_clock):
     servicer = SilentServicer()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     pb_grpc.add_TeacherServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        c = SyncTeacherClient(f"grpc://127.0.0.1:{port}", timeout=0.3, retry_budget_s=1.0, backoff_s=0.01,
-                              max_backoff_s=0.02, seed=0)
+        # the count of attempts is capped by max_retries (the budget, on the fake client clock,
+        # is never reached): each attempt ends at its own 0.3 s deadline, however slow the machine
+        c = SyncTeacherClient(f"grpc://127.0.0.1:{port}", timeout=0.3, retry_budget_s=60.0, max_retries=2,
+                              backoff_s=0.01, max_backoff_s=0.02, seed=0)
         with pytest.raises(TeacherUnavailable) as err:
             c.describe()
         c.close()
@@ -246,13 +253,14 @@ def test_silent_teacher_fails_each_call_at_its_deadline_then_one_line():
         server.stop(None)
     e = err.value
     assert e.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    # each attempt waited its full 0.3 s deadline: at most ceil(1.0 / 0.3) + 1 attempts fit the budget
-    assert 2 <= e.attempts <= 5 and servicer.calls == e.attempts
+    # every attempt reached the hung teacher and ended in DEADLINE_EXCEEDED, which was retried
+    assert e.attempts == 3 == servicer.calls and len(client_clock.sleeps) == 2
     assert re.fullmatch(rf"teacher unreachable at grpc://127\.0\.0\.1:{port} for [0-9.]+ s "
                         r"\(last status DEADLINE_EXCEEDED: [^)]*\); Describe tried \d+ times; .*", str(e))
     assert "\n" not in str(e)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("err", [
     TeacherError(grpc.StatusCode.INVALID_ARGUMENT, "layer 99 is out of range", "grpc://h:1"),
     FingerprintMismatch("grpc://h:1", "aaaa", "bbbb"),
@@ -270,6 +278,7 @@ def test_errors_survive_pickle(err):
         raise back
 
 
+@pytest.mark.unit
 def test_long_server_message_is_clipped():
     err = TeacherError(grpc.StatusCode.INVALID_ARGUMENT, "x" * 5000 + "\x00\n", "grpc://h:1")
     assert len(str(err)) < 400 and "\n" not in str(err) and "\x00" not in str(err)
@@ -353,6 +362,7 @@ def test_app_path_sends_application_metadata(vit_engine):
     assert plain and all("application" not in md for _, md, _ in plain)
 
 
+@pytest.mark.unit
 def test_addresses():
     t = GrpcTransport.from_address("grpc://teacher.svc:9000/vit")
     assert (t.target, t.application, t.metadata) == ("teacher.svc:9000", "vit", (("application", "vit"),))
@@ -365,6 +375,17 @@ def test_addresses():
         connect("http://host:8000")
     with pytest.raises(ValueError, match="needs a host and a port"):
         connect("grpc://host")
+
+
+@pytest.mark.unit
+def test_a_scheme_loads_its_transport_where_nothing_imported_it():
+    """A Ray Train worker imports the client and nothing else: the address's scheme alone must
+    bring in its transport."""
+    code = ("from student_workers.client.sync_client import SyncTeacherClient; "
+            "print(type(SyncTeacherClient('grpc://h:1').client.transport).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == ["GrpcTransport"]
 
 
 def test_sync_submit_and_async_agree(vit_engine, vit_port):
@@ -423,6 +444,7 @@ def test_non_ascii_experiment_id_is_served(vit_engine, vit_port):
     assert_same(out, direct(vit_engine, {"pixel_values": x}, SPEC))
 
 
+@pytest.mark.unit
 def test_grpcs_addresses():
     t = GrpcTransport.from_address("grpcs://teacher.svc:443/vit", auth_token="t")
     assert (t.target, t.application, t.tls, t.address) == ("teacher.svc:443", "vit", True, "grpcs://teacher.svc:443/vit")
@@ -430,3 +452,75 @@ def test_grpcs_addresses():
     assert isinstance(connect("grpcs://h:443").transport, GrpcTransport)
     with pytest.raises(ValueError, match="needs a host and a port"):
         connect("grpcs://h")
+
+
+class _ReplyTransport:
+    """A transport answering one fixed TargetsReply (what an old or broken teacher might send)."""
+
+    address = "fake://teacher"
+
+    def __init__(self, reply: pb.TargetsReply):
+        self.reply = reply
+
+    async def describe(self, timeout):
+        return pb.TeacherInfo(fingerprint=self.reply.fingerprint)
+
+    async def get_targets(self, request, timeout):
+        return self.reply
+
+    async def stream_targets(self, request, timeout):
+        return [self.reply]
+
+    async def close(self):
+        pass
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("bad,dtype", [(float("nan"), "float32"), (float("inf"), "float16"), (float("nan"), "int8")])
+def test_client_refuses_nonfinite_targets(bad, dtype):
+    """Even from a teacher that checks nothing, NaN/Inf targets never reach the student."""
+    from kdserve import codec
+    from kdserve.targets import quantize_int8
+
+    t = torch.randn(2, 5)
+    t[1, 3] = bad
+    reply = pb.TargetsReply(fingerprint="f", num_chunks=1)
+    if dtype == "int8":
+        codec.encode_into(reply.outputs["hidden.vision.1"], *quantize_int8(t))
+    else:
+        codec.encode_into(reply.outputs["hidden.vision.1"], t.to(getattr(torch, dtype)))
+    good = pb.TargetsReply(fingerprint="f", num_chunks=1)
+    codec.encode_into(good.outputs["hidden.vision.1"], torch.randn(2, 5))
+
+    async def go(r):
+        c = TeacherClient("grpc://127.0.0.1:1", transport=_ReplyTransport(r), **FAST)
+        return await c.get_targets({"pixel_values": images(2)}, SPEC)
+
+    with pytest.raises(TeacherError) as e:
+        run(go(reply))
+    assert e.value.code == grpc.StatusCode.DATA_LOSS and "'hidden.vision.1' holds NaN or Inf" in str(e.value)
+    assert run(go(good))["hidden.vision.1"].shape == (2, 5)  # a finite reply passes the same path
+
+
+@pytest.mark.unit
+def test_triton_answer_with_another_requests_rows_is_data_loss():
+    """Rows sent without keys get made-up ones (<request id>/<i>); an answer whose rows echo other
+    keys is refused, and the made-up keys never reach the caller."""
+    pytest.importorskip("tritonclient")
+    from student_workers.client.triton_transport import TritonTransport
+
+    t = TritonTransport.from_address("triton://127.0.0.1:9/m")
+    req = wire.build_request({"pixel_values": torch.rand(2, 3, 8, 8)}, wire.target_spec(logits=True), "exp")
+    sent: list[str] = []
+    t._infer_request(req, "exp-1-7", stream=False, keys_out=sent)
+    assert sent == ["exp-1-7/0", "exp-1-7/1"]
+    ok = t._own(pb.TargetsReply(sample_keys=sent), req, sent)
+    assert list(ok.sample_keys) == []  # the caller gave none
+    with pytest.raises(TeacherError) as e:
+        t._own(pb.TargetsReply(sample_keys=["exp-1-6/0", "exp-1-6/1"]), req, sent)
+    assert e.value.code == grpc.StatusCode.DATA_LOSS and "another request" in str(e.value)
+    keyed = wire.build_request({"pixel_values": torch.rand(1, 3, 8, 8)}, wire.target_spec(logits=True), "exp",
+                               sample_keys=["img-42"])
+    mine: list[str] = []
+    t._infer_request(keyed, "exp-1-8", stream=False, keys_out=mine)
+    assert mine == ["img-42"] and list(t._own(pb.TargetsReply(sample_keys=mine), keyed, mine).sample_keys) == mine

@@ -15,10 +15,10 @@ from kdmodels.effnet_lite0 import MEAN, STD, load_lite0, map_lite0_keys, weights
 from kdserve.config import load  # noqa: E402
 from kdserve.teacher_config import TeacherConfig  # noqa: E402
 from kdserve.v1 import teacher_pb2 as pb  # noqa: E402
-from student_workers.distiller import Distiller  # noqa: E402
-from student_workers.image_probe import linear_probe  # noqa: E402
-from student_workers.job_config import DistillSection, JobConfig  # noqa: E402
-from student_workers.students import build_student  # noqa: E402
+from student_workers.losses.distiller import Distiller  # noqa: E402
+from student_workers.eval.image_probe import linear_probe  # noqa: E402
+from student_workers.train.job_config import DistillSection, JobConfig  # noqa: E402
+from student_workers.models.build import build_student  # noqa: E402
 from teacher_server.engine import TeacherEngine, Work  # noqa: E402
 from teacher_server.spec import SpecError, TargetSpec, resolve_spec  # noqa: E402
 
@@ -171,7 +171,7 @@ def test_linear_probe_against_formulas():
 
 
 def test_emoji_images_have_no_caption():
-    from student_workers.data import build_dataset
+    from student_workers.data.build import build_dataset
 
     try:
         ds = build_dataset("emoji_images", split="held_out", size=32)

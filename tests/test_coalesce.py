@@ -141,6 +141,7 @@ class BadInputEngine(SlowEngine):
         return [{"y": w.inputs["x"] * 2} for w in works], BatchStats(len(works), len(works), 1.0)
 
 
+@pytest.mark.unit
 def test_a_bad_request_fails_alone_and_the_others_of_its_batch_succeed():
     from teacher_server.coalesce import InputRejected
     from teacher_server.spec import SpecError
@@ -160,6 +161,7 @@ def test_a_bad_request_fails_alone_and_the_others_of_its_batch_succeed():
     assert torch.equal(good2[0][0]["y"], torch.full((1, 1), 6.0))
 
 
+@pytest.mark.unit
 def test_cache_hit_skips_the_forward():
     from teacher_server.target_cache import TargetCache
 
@@ -209,6 +211,7 @@ def _one_by_one(engine: TimedEngine, sizes: list[int], inline_forward_ms: float)
     return asyncio.run(main())
 
 
+@pytest.mark.unit
 def test_short_forwards_run_on_the_loop_and_long_ones_on_a_thread():
     fast = TimedEngine(compute_ms=0.2)
     loop, answers = _one_by_one(fast, [1, 1, 1], inline_forward_ms=1.0)
@@ -225,6 +228,7 @@ def test_short_forwards_run_on_the_loop_and_long_ones_on_a_thread():
     assert loop not in off.threads
 
 
+@pytest.mark.unit
 def test_the_inline_estimate_scales_with_cost_and_forgets_failures():
     # 0.4 ms for 1 sample predicts 1.6 ms for 4 samples: over 1 ms, so a thread
     e = TimedEngine(compute_ms=0.4)
@@ -237,11 +241,12 @@ def test_the_inline_estimate_scales_with_cost_and_forgets_failures():
     assert [t == loop for t in e.threads] == [False, True, False, True]
 
 
+@pytest.mark.unit
 def test_inline_forward_ms_comes_from_the_teacher_config():
     from kdserve.teacher_config import TeacherConfig
     from teacher_server.engine import TeacherEngine
 
     cfg = TeacherConfig(model="synthetic:layers=2,tokens=4,dim=8,heads=2,classes=0,image_size=8,latency_ms=0",
-                        device="cpu", inline_forward_ms=0.5)
+                        device="cpu", sharing={"inline_forward_ms": 0.5})
     assert Coalescer.from_config(TeacherEngine.from_config(cfg), cfg).inline_forward_ms == 0.5
-    assert TeacherConfig(model="synthetic:").inline_forward_ms == 1.0
+    assert TeacherConfig(model="synthetic:").sharing.inline_forward_ms == 1.0

@@ -263,7 +263,7 @@ def test_teacher_checks_token_ids(engine):
 
 
 def test_checkpoint_round_trip(engine, tmp_path):
-    from student_workers.students import build_student
+    from student_workers.models.build import build_student
 
     path = tmp_path / "coca.pt"
     save_checkpoint(path, engine.adapter.model, {"note": "test"})
@@ -299,8 +299,8 @@ def test_checkpoint_round_trip(engine, tmp_path):
 
 
 def test_student_gradients_reach_every_module():
-    from student_workers.students import build_student
-    from student_workers.students_coca import MultiModuleOutput
+    from student_workers.models.build import build_student
+    from student_workers.models.coca import MultiModuleOutput
 
     torch.manual_seed(0)
     s = build_student({"kind": "coca", "name": "tiny", "kwargs": {"num_classes": 5}}).train()
@@ -336,7 +336,7 @@ def test_student_gradients_reach_every_module():
 
 
 def _emoji_or_skip():
-    from student_workers.data_emoji import emoji_dir
+    from student_workers.data.emoji import emoji_dir
 
     try:
         emoji_dir()
@@ -346,8 +346,8 @@ def _emoji_or_skip():
 
 def test_emoji_dataset():
     _emoji_or_skip()
-    from student_workers.data import build_dataset
-    from student_workers.data_emoji import collate_image_text
+    from student_workers.data.build import build_dataset
+    from student_workers.data.emoji import collate_image_text
 
     every = build_dataset("emoji", split="all", size=32)
     train = build_dataset("emoji", split="train", size=32, seed=5)
@@ -379,7 +379,7 @@ def test_emoji_dataset():
 
 
 def test_emoji_missing_package_message(tmp_path, monkeypatch):
-    from student_workers.data import build_dataset
+    from student_workers.data.build import build_dataset
 
     monkeypatch.setenv("KDSERVE_EMOJI_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="npm install --prefix ~/.cache/kdserve/emoji emoji-datasource-google") as e:

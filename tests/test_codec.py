@@ -11,6 +11,8 @@ from kdserve import codec
 from kdserve.targets import quantize_int8
 from kdserve.v1 import teacher_pb2 as pb
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int32, torch.int64])
 def test_round_trip_every_dtype(dtype):

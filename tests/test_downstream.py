@@ -1,4 +1,4 @@
-"""Downstream evaluation (methods.md section 8): each metric against an independent computation,
+"""Downstream evaluation (docs/methods.md#downstream-evaluation): each metric against an independent computation,
 the held-out split against the distillation dataset itself, and a whole run dir end to end."""
 from __future__ import annotations
 
@@ -9,20 +9,21 @@ import pytest
 import torch
 import yaml
 
-from student_workers.data import wordnet
-from student_workers.downstream.encoder import TextEncoder, teacher_as_student
-from student_workers.downstream.finetune import bert_levels, layer_decay_groups
-from student_workers.downstream.probe import linear_probe, majority_accuracy
-from student_workers.downstream.report import format_table
-from student_workers.downstream.retrieval import recall_at_k
-from student_workers.downstream.wordnet_tasks import (
+from student_workers.data.text import wordnet
+from student_workers.eval.downstream.encoder import TextEncoder, teacher_as_student
+from student_workers.eval.downstream.finetune import bert_levels, layer_decay_groups
+from student_workers.eval.downstream.probe import linear_probe, majority_accuracy
+from student_workers.eval.downstream.report import format_table
+from student_workers.eval.downstream.retrieval import recall_at_k
+from student_workers.eval.downstream.wordnet_tasks import (
     LEXNAMES,
     lexname_task,
     mentions,
     read_synsets,
     reverse_dictionary,
 )
-from student_workers.students import StudentConfig, build_student
+from student_workers.models.base import StudentConfig
+from student_workers.models.build import build_student
 
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 
@@ -39,7 +40,7 @@ def teacher():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from student_workers.data import load_tokenizer
+    from student_workers.data.tokenizer import load_tokenizer
 
     return load_tokenizer("minilm")
 
@@ -53,6 +54,7 @@ def naive_recall(q, c, gold, k):
     return hits / len(q)
 
 
+@pytest.mark.unit
 def test_recall_matches_a_naive_loop():
     rng = np.random.default_rng(0)
     c = rng.normal(size=(300, 8))
@@ -64,12 +66,14 @@ def test_recall_matches_a_naive_loop():
     assert 0 < got[1] < got[10] < 1  # the toy is neither trivial nor hopeless
 
 
+@pytest.mark.unit
 def test_recall_by_hand():
     c = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     q = np.array([[2.0, 0.1], [0.1, 1.0]])  # closest: 0 then 2 / 1 then 2
     assert recall_at_k(q, c, np.array([0, 2]), (1, 2)) == {1: 0.5, 2: 1.0}
 
 
+@pytest.mark.unit
 def test_layer_decay_lrs_follow_the_formula():
     student = build_student(StudentConfig(kind="hf_text", name="bert", kwargs={**TINY_BERT, "num_hidden_layers": 3}))
     head = torch.nn.Linear(32, 45)
@@ -150,8 +154,10 @@ def write_run(run_dir, student_cfg: dict, seed: int = 0):
     return student
 
 
+@pytest.mark.unit
 def test_load_student_reads_the_checkpoint(tmp_path):
-    from student_workers.run_artifacts import initial_student, load_student, read_config
+    from student_workers.models.from_run import initial_student, load_student
+    from student_workers.train.run_dir import read_config
 
     cfg = {"kind": "hf_text", "name": "bert", "kwargs": TINY_BERT}
     saved = write_run(tmp_path / "run", cfg, seed=3)
@@ -166,7 +172,7 @@ def test_load_student_reads_the_checkpoint(tmp_path):
 
 
 def test_cli_writes_eval_json(tmp_path, capsys):
-    from student_workers.evaluate import main
+    from student_workers.eval.evaluate import main
 
     write_run(tmp_path / "run", {"kind": "hf_text", "init_from": "minilm", "num_layers": 1, "init_layers": [6]})
     sets = ["num_candidates=60", "max_queries=30", "probe_train=90", "probe_test=45", "finetune_steps=2", "finetune_batch=8"]
@@ -185,6 +191,7 @@ def test_cli_writes_eval_json(tmp_path, capsys):
     assert main(["--run", str(tmp_path / "run"), "--set", "bogus=1"]) == 2
 
 
+@pytest.mark.unit
 def test_format_table_lists_every_row():
     rows = [{"model": "a", "recall@1": 0.5, "params": 1000}, {"model": "bb", "recall@10": float("nan")}]
     lines = format_table(rows).splitlines()

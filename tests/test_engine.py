@@ -12,6 +12,8 @@ from teacher_server.spec import TargetSpec
 from tests.conftest import tiny_beit_config
 from tests.naive import naive_data2vec
 
+pytestmark = pytest.mark.unit
+
 
 def _images(n, size=32, seed=0):
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))

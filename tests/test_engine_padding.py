@@ -1,10 +1,13 @@
 """Text requests of different lengths share one forward: padded, then cut back, equal to alone."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from teacher_server.engine import Work, _groups
 from teacher_server.spec import TargetSpec
+
+pytestmark = pytest.mark.unit
 
 SPEC_ALL = TargetSpec(hidden=(("text", (1, 6)),), attention=(("text", (2,)),))
 SPEC_D2V = TargetSpec(hidden=(("text", (4, 5, 6)),), hidden_reduction="data2vec")
@@ -59,3 +62,21 @@ def test_groups_keep_fixed_shapes_apart():
     img2 = Work({"pixel_values": torch.zeros(1, 3, 48, 48)}, SPEC_ALL)
     assert _groups([a, b, img1, img2], paddable) == [[0, 1], [2], [3]]
     assert _groups([a, b], frozenset()) == [[0], [1]]  # a model without a mask: exact shapes only
+
+
+def test_mean_pool_is_the_mean_over_real_tokens_whatever_the_padding(minilm_engine):
+    """hidden_reduction "mean": one (b, D) vector per sample and layer, the mean of that block's
+    states over the sample's real tokens, written out here from the unpooled states."""
+    mask = torch.ones(2, 9, dtype=torch.int64)
+    mask[1, 4:] = 0  # the second sentence has 4 real tokens
+    pooled = Work({"input_ids": _ids(2, 9, 7), "attention_mask": mask},
+                  TargetSpec(hidden=(("text", (3, 6)),), hidden_reduction="mean"))
+    plain = Work(pooled.inputs, TargetSpec(hidden=(("text", (3, 6)),)))
+    longer = Work({"input_ids": _ids(1, 14, 8)}, SPEC_ALL)  # shares the forward: pads the two to 14
+    (got, _, ref), _ = minilm_engine.run([pooled, longer, plain])
+    assert set(got) == {"pooled.text.3", "pooled.text.6"}
+    for l in (3, 6):
+        h = ref[f"hidden.text.{l}"]  # (2, 9, 384)
+        naive = torch.stack([h[0].mean(0), h[1, :4].mean(0)])  # (2, 384)
+        assert got[f"pooled.text.{l}"].shape == (2, 384)
+        torch.testing.assert_close(got[f"pooled.text.{l}"], naive, rtol=1e-5, atol=1e-5)

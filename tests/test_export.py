@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from student_workers.data import load_tokenizer
-from student_workers.export import export_student
-from student_workers.students import StudentConfig, build_student
+from student_workers.data.tokenizer import load_tokenizer
+from student_workers.models.export import export_student
+from student_workers.models.base import StudentConfig
+from student_workers.models.build import build_student
 
 TEXTS = ["a domesticated carnivorous mammal", "move fast by using one's feet", "x", "the largest planet of the solar system"]
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}

@@ -5,6 +5,8 @@ import pytest
 
 from teacher_server.fair_queue import FairQueue, weight_of
 
+pytestmark = pytest.mark.unit
+
 
 def _backlog(q: FairQueue, exp: str, n: int, samples: int = 2, tokens: int = 16) -> None:
     for i in range(n):
@@ -112,3 +114,62 @@ def test_bad_weights_are_refused():
         FairQueue("fair", {"a": 0.0})
     with pytest.raises(ValueError, match="scheduler"):
         FairQueue("lottery")  # type: ignore[arg-type]
+
+
+def test_distinct_ids_do_not_grow_the_scheduler_without_bound():
+    """A client minting a new experiment id per request: idle experiments are forgotten past
+    MAX_KNOWN, while queued ones (and their order) are kept."""
+    from teacher_server.fair_queue import MAX_KNOWN
+
+    q = FairQueue("fair")
+    served = []
+    for i in range(3 * MAX_KNOWN):
+        q.enqueue(f"id-{i}", i, cost=1)
+        if i:  # one stays waiting while the next id arrives
+            served += q.next_batch(1)
+        assert len(q.queue_lengths()) <= MAX_KNOWN
+    while len(q):
+        served += q.next_batch(1)
+    assert sorted(served) == list(range(3 * MAX_KNOWN))  # every queued item served once, none lost
+
+
+def _replicas_serve(route, rounds: int = 300, replicas: int = 3) -> dict[str, float]:
+    """N replicas, each its own FairQueue (weights a:3, b:1), saturated; ``route(exp, i)`` names the
+    replica of each new request. Returns the work served per experiment, summed over the replicas."""
+    queues = [FairQueue("fair", {"a": 3.0, "b": 1.0}) for _ in range(replicas)]
+    used = {exp: {route(exp, j) for j in range(64)} for exp in ("a", "b")}  # the replicas each one reaches
+    sent = {"a": 0, "b": 0}
+    for _ in range(rounds):
+        for exp in ("a", "b"):  # new requests, routed, until every replica it reaches has a backlog of it
+            while min(queues[r].queue_lengths().get(exp, 0) for r in used[exp]) < 4:
+                queues[route(exp, sent[exp])].enqueue(exp, (exp, sent[exp]), cost=32, samples=2)
+                sent[exp] += 1
+        for q in queues:
+            q.next_batch(max_samples=8)
+    total = {"a": 0.0, "b": 0.0}
+    for q in queues:
+        for exp, cost in q.served_cost().items():
+            total[exp] += cost
+    return total
+
+
+def test_weights_hold_across_replicas_when_requests_spread():
+    """docs/methods.md, "Serving across replicas": each replica shares its own capacity by weight, so
+    experiments whose requests reach every replica (as the client spreads them) get their weighted
+    share of the sum: 3:1 here over 3 replicas, as on one."""
+    import hashlib
+
+    def by_content(exp: str, i: int) -> int:  # rendezvous-like: a digest of the request picks the replica
+        return hashlib.sha256(f"{exp}/{i}".encode()).digest()[0] % 3
+
+    served = _replicas_serve(by_content)
+    assert served["a"] / served["b"] == pytest.approx(3.0, rel=0.05)
+    served = _replicas_serve(lambda exp, i: i % 3)  # fewest in flight: round robin under equal load
+    assert served["a"] / served["b"] == pytest.approx(3.0, rel=0.05)
+
+
+def test_an_experiment_on_one_replica_of_three_gets_its_share_of_that_one():
+    # b reaches replica 0 only: it gets 1/4 of that replica (weights 3:1), a the rest of it and all
+    # of the other two: a / b = (3/4 + 1 + 1) / (1/4) = 11
+    served = _replicas_serve(lambda exp, i: 0 if exp == "b" else i % 3)
+    assert served["a"] / served["b"] == pytest.approx(11.0, rel=0.05)

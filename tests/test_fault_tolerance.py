@@ -22,11 +22,13 @@ import torch
 
 from kdserve import wire
 from kdserve.v1 import teacher_pb2_grpc as pb_grpc
-from student_workers.client import SyncTeacherClient, TeacherUnavailable
-from student_workers.prefetch import Prefetcher
+from student_workers.client.errors import TeacherUnavailable
+from student_workers.client.sync_client import SyncTeacherClient
+from student_workers.client.prefetch import Prefetcher
 from teacher_server.engine import TeacherEngine, Work
 from teacher_server.spec import TargetSpec
-from tests.conftest import TINY_VIT, free_port, tiny_vit_config
+from kdserve.net import free_port
+from tests.conftest import TINY_VIT, tiny_vit_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -159,27 +161,31 @@ def _fail_against(address: str) -> tuple[TeacherUnavailable, float]:
     return err.value, time.monotonic() - t0
 
 
-def _check_message(e: TeacherUnavailable, address: str) -> None:
+def _check_message(e: TeacherUnavailable, address: str, clock) -> None:
     msg = str(e)
     assert "\n" not in msg and len(msg) < 600
     assert msg.startswith(f"teacher unreachable at grpc://{address} for ")
     assert "raise teacher.retry_budget_s (3 s) / timeout_s (1 s)" in msg
     assert e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-    # the budget bounds the failure: the last attempt starts inside it and lasts at most `timeout`
-    assert e.attempts >= 2 and e.elapsed_s <= 3.0 + 1.0
+    # the budget bounds the failure, on the client's clock (faked: only its backoff sleeps move it,
+    # so no count here depends on the machine's speed): it retried, every retry started inside the
+    # budget, and it gave up only once the next backoff (at most 1 s) could have crossed it
+    assert e.attempts == len(clock.sleeps) + 1 >= 2
+    assert e.elapsed_s == pytest.approx(sum(clock.sleeps))
+    assert 3.0 - 1.0 < e.elapsed_s <= 3.0
 
 
-def test_silent_socket_fails_with_one_line_after_the_budget():
+def test_silent_socket_fails_with_one_line_after_the_budget(client_clock):
     silent = SilentTeacher()
     try:
         e, took = _fail_against(f"127.0.0.1:{silent.port}")
     finally:
         silent.close()
-    _check_message(e, f"127.0.0.1:{silent.port}")
+    _check_message(e, f"127.0.0.1:{silent.port}", client_clock)
     print(f"\nsilent socket: TeacherUnavailable after {took:.1f} s ({e.attempts} attempts): {e}")
 
 
-def test_wedged_grpc_handler_fails_with_one_line_after_the_budget():
+def test_wedged_grpc_handler_fails_with_one_line_after_the_budget(client_clock):
     from concurrent import futures
 
     servicer = SleepingServicer()
@@ -192,6 +198,6 @@ def test_wedged_grpc_handler_fails_with_one_line_after_the_budget():
     finally:
         servicer.release.set()
         server.stop(0).wait()
-    _check_message(e, f"127.0.0.1:{port}")
+    _check_message(e, f"127.0.0.1:{port}", client_clock)
     assert e.code == grpc.StatusCode.DEADLINE_EXCEEDED
     print(f"\nwedged handler: TeacherUnavailable after {took:.1f} s ({e.attempts} attempts): {e}")

@@ -3,8 +3,9 @@
 Each case starts from a valid request for the tiny ViT or MiniLM teacher and applies one to three
 random mutations (dtypes, shapes, huge/zero/negative/overflowing dims, wrong byte lengths, scales,
 NaN/Inf, unknown modules and layers, reductions, options, ids, keys, huge and non-printable
-strings). Every answer must be OK, INVALID_ARGUMENT or RESOURCE_EXHAUSTED, with a bounded,
-printable message, and the server must answer a good request afterwards.
+strings, raw texts that are not UTF-8, blank, long or too many). Every answer must be OK,
+INVALID_ARGUMENT or RESOURCE_EXHAUSTED, with a bounded, printable message, and the server must
+answer a good request afterwards.
 """
 from __future__ import annotations
 
@@ -205,6 +206,22 @@ def m_keys(req, rng):
         req.sample_keys.extend(["k" * 300_000] * 4)  # 1.2 MB: over the 1 MiB request limit
 
 
+WEIRD_TEXTS = [b"", b" \t\n", b"\xff\xfe", b"\xed\xa0\x80", b"\xc3", "漢字🚀".encode(), b"a cat", b"\x00\x01",
+               "é".encode() * 300, b"x" * 70_000]
+
+
+def m_texts(req, rng):
+    """Raw texts (issue #25): alone or beside the tensors, some not UTF-8, blank, long or too many,
+    with no, another or a junk tokenizer fingerprint."""
+    req.texts.extend(rng.choice(WEIRD_TEXTS) for _ in range(rng.choice([1, 2, 3, 9, 100])))
+    if rng.random() < 0.6:
+        req.inputs.clear()
+        del req.sample_keys[:]
+    req.text_tokenizer = rng.choice(["", "0" * 32, *WEIRD_STRINGS])
+    if rng.random() < 0.5:
+        req.spec.hidden_reduction = "mean"
+
+
 def m_empty(req, rng):
     req.Clear()
     if rng.random() < 0.5:
@@ -213,7 +230,7 @@ def m_empty(req, rng):
 
 MUTATIONS = [m_dtype, m_dtype_reinterpret, m_shape, m_one_dim, m_overflow_shape, m_many_dims, m_data, m_scales,
              m_nonfinite, m_token_values, m_extra_input, m_drop_input, m_long_sequence, m_mismatched_mask, m_module,
-             m_layers, m_reduction, m_options, m_experiment, m_keys, m_empty]
+             m_layers, m_reduction, m_options, m_experiment, m_keys, m_empty, m_texts]
 
 
 def generate(seed: int, n: int, text: bool) -> list[tuple[str, pb.TargetsRequest]]:
@@ -328,6 +345,7 @@ def test_messages_bounded_and_escaped(servers):
     assert len(msg) <= MESSAGE_CHARS and msg.isprintable()
 
 
+@pytest.mark.unit
 def test_sanitizers():
     assert shown("abc") == "'abc'"
     assert shown("a" * 70) == repr("a" * 64) + "...(+6 chars)"
@@ -336,3 +354,80 @@ def test_sanitizers():
     assert bounded("a\nb\x00") == "a\\nb\\x00"
     long = bounded("y" * 1000)
     assert len(long) == MESSAGE_CHARS and long.endswith("...")
+
+
+# -- raw bytes on a plain channel: what a generated stub can never send ----------------------------
+N_RAW = 240
+
+
+def check_raw(channel: grpc.Channel, valid: list[bytes], n: int, seed: int, metadata=()) -> collections.Counter:
+    """Send ``n`` hostile byte strings; assert every answer is an allowed status with a short,
+    printable line that names no exception class. Returns the status counts."""
+    from tests.raw_requests import call_raw, parses, raw_cases
+
+    counts: collections.Counter = collections.Counter()
+    failures = []
+    for method, name, data in raw_cases(seed, n, valid):
+        code, msg = call_raw(channel, method, data, metadata)
+        counts[code.name] += 1
+        bad_parse = method != "Describe" and not parses(data)
+        if (code not in ALLOWED or len(msg) > MESSAGE_CHARS or not msg.isprintable() or "Traceback" in msg
+                or "class" in msg or "Error" in msg or (bad_parse and code != grpc.StatusCode.INVALID_ARGUMENT)):
+            failures.append((method, name, code.name, msg[:200]))
+    assert not failures, failures[:10]
+    return counts
+
+
+@pytest.mark.parametrize("which,seed", [("vit", 3), ("text", 4)])
+def test_raw_bytes_get_invalid_argument_never_unknown(servers, which, seed):
+    engine, port = servers[which]
+    rng = random.Random(seed)
+    valid = [_valid(rng, text=which == "text").SerializeToString() for _ in range(8)]
+    from teacher_server.metrics import get_metrics
+
+    before = _malformed_count(get_metrics("prometheus"))
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=wire.CHANNEL_OPTIONS) as ch:
+        counts = check_raw(ch, valid, N_RAW, seed)
+        reply = pb_grpc.TeacherServiceStub(ch).GetTargets(pb.TargetsRequest.FromString(valid[0]), timeout=60)
+        assert reply.fingerprint == engine.fingerprint  # the server answers good requests after
+    print(f"\nraw fuzz {which}: {N_RAW} requests -> {dict(sorted(counts.items()))}")
+    assert counts["INVALID_ARGUMENT"] > N_RAW // 2
+    assert _malformed_count(get_metrics("prometheus")) > before  # counted in the metrics
+
+
+def _malformed_count(metrics) -> float:
+    return sum(s.value for m in metrics.malformed_requests.metric.collect() for s in m.samples
+               if s.name.endswith("_total"))
+
+
+def test_malformed_message_is_fixed_text(servers):
+    """The message is ours: the method's message name and the size, nothing of the parser's."""
+    from tests.raw_requests import call_raw
+
+    _, port = servers["vit"]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=wire.CHANNEL_OPTIONS) as ch:
+        code, msg = call_raw(ch, "GetTargets", b"\x0a\x02\xff\xfe")  # experiment_id: invalid UTF-8
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert msg == "the request is not a valid kdserve.v1.TargetsRequest message (4 bytes)"
+        code, msg = call_raw(ch, "Describe", b"\xff")
+        assert (code, msg) == (grpc.StatusCode.INVALID_ARGUMENT,
+                               "the request is not a valid kdserve.v1.DescribeRequest message (1 bytes)")
+
+
+def test_nonfinite_targets_refused_naming_the_output(servers):
+    """Finite inputs of 1e30 overflow inside the teacher: INVALID_ARGUMENT naming an output, not NaN targets."""
+    engine, port = servers["vit"]
+    x = torch.full((2, 3, 32, 32), 1e30)
+    req = wire.build_request({"pixel_values": x}, wire.target_spec(hidden={"vision": [-1]}, logits=True), "huge")
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=wire.CHANNEL_OPTIONS) as ch:
+        stub = pb_grpc.TeacherServiceStub(ch)
+        for call in (lambda: stub.GetTargets(req, timeout=60), lambda: list(stub.StreamTargets(req, timeout=60))):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "NaN or Inf" in e.value.details() and "output 'hidden.vision.3'" in e.value.details()
+        # the same model on the same batch size, sane inputs: answered (the refusal is about values)
+        ok = stub.GetTargets(wire.build_request({"pixel_values": torch.rand(2, 3, 32, 32)},
+                                                wire.target_spec(hidden={"vision": [-1]}, logits=True), "sane"),
+                             timeout=60)
+        assert ok.outputs

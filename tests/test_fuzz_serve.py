@@ -51,3 +51,21 @@ def test_fuzz_serve_no_internal_and_apps_live(serve_teachers, app, n, seed):
     print(f"\nfuzz serve {app}: {n} requests -> {dict(sorted(counts.items()))}")
     assert not failures, failures[:10]
     assert counts["INVALID_ARGUMENT"] > n // 2  # the generator really produces bad requests
+
+
+@pytest.mark.parametrize("app,seed", [("teacher", 12), ("minilm", 13)])
+def test_raw_bytes_through_the_proxy_never_unknown(serve_teachers, app, seed):
+    """Raw bytes through Serve's gRPC proxy (kdserve.methods parses them there): INVALID_ARGUMENT
+    with our fixed line, never UNKNOWN; the app answers a good request after."""
+    from tests.test_fuzz import check_raw
+
+    text = app == "minilm"
+    rng = random.Random(seed)
+    valid = [_valid(rng, text=text).SerializeToString() for _ in range(8)]
+    md = (("application", app),)
+    with grpc.insecure_channel(f"127.0.0.1:{serve_teachers['port']}", options=wire.CHANNEL_OPTIONS) as ch:
+        counts = check_raw(ch, valid, 80, seed, metadata=md)
+        reply = pb_grpc.TeacherServiceStub(ch).GetTargets(pb.TargetsRequest.FromString(valid[0]), timeout=60, metadata=md)
+        assert reply.outputs
+    print(f"\nraw fuzz serve {app}: 80 requests -> {dict(sorted(counts.items()))}")
+    assert counts["INVALID_ARGUMENT"] > 40

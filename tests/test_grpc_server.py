@@ -113,7 +113,7 @@ import urllib.request  # noqa: E402
 
 from teacher_server.grpc_server import serving  # noqa: E402
 from teacher_server.metrics import ExperimentLabels, sanitize  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from kdserve.net import free_port  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -257,6 +257,7 @@ def test_metrics_endpoint_counts_a_stream_once():
     assert delta("kdserve_teacher_served_samples_total") == 8
 
 
+@pytest.mark.unit
 def test_experiment_labels_are_sanitized_and_capped():
     labels = ExperimentLabels(cap=3)
     assert labels("run/7 ü") == "run_7__"

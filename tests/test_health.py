@@ -17,6 +17,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+@pytest.mark.unit
 def test_probe_inputs_follow_declared_inputs(vit_engine, minilm_engine):
     vit = probe_inputs(vit_engine.inputs)
     assert {k: (tuple(v.shape), v.dtype) for k, v in vit.items()} == {"pixel_values": ((1, 3, 32, 32), torch.float32)}

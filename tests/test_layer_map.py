@@ -1,4 +1,4 @@
-"""Layer maps (methods.md section 6) against hand-written examples and a naive ceil formula."""
+"""Layer maps (docs/methods.md#layer-maps) against hand-written examples and a naive ceil formula."""
 from __future__ import annotations
 
 import math
@@ -7,6 +7,8 @@ import pytest
 
 from kdserve import registry
 from student_workers.losses.layer_map import layer_map
+
+pytestmark = pytest.mark.unit
 
 
 def test_uniform_integer_ratio():

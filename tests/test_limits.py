@@ -48,6 +48,7 @@ class GatedEngine:
         return [{"y": w.inputs["x"] + 1} for w in works], BatchStats(len(works), n, 0.0)
 
 
+@pytest.mark.unit
 def test_request_cap_is_per_experiment_and_frees_on_answer():
     engine = GatedEngine()
     c = Coalescer(engine.run, max_samples=64, max_requests=2)
@@ -74,6 +75,7 @@ def test_request_cap_is_per_experiment_and_frees_on_answer():
     assert msg == "experiment 'a' has 2 requests in flight, the teacher's cap is 2: send fewer at once (prefetch depth, clients)"
 
 
+@pytest.mark.unit
 def test_byte_cap_counts_decoded_inputs_and_cancelled_requests_free_their_share():
     engine = GatedEngine()
     one = work("a", n=4)
@@ -100,7 +102,7 @@ def test_byte_cap_counts_decoded_inputs_and_cancelled_requests_free_their_share(
 
 def test_cap_over_grpc_is_resource_exhausted_and_other_experiments_pass():
     """Real server: the engine's forward lock is held, so the first request stays computing."""
-    engine = TeacherEngine.from_config(tiny_vit_config(max_requests_per_experiment=1))
+    engine = TeacherEngine.from_config(tiny_vit_config(sharing={"max_requests_per_experiment": 1}))
     x = torch.rand(1, 3, 32, 32)
     spec = wire.target_spec(logits=True)
     with run_server(engine) as port, grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -188,7 +190,7 @@ def _transport_capacity_chunks(chunk_bytes: int) -> int:
 
 def test_unread_stream_encodes_a_bounded_number_of_chunks_then_is_cancelled(monkeypatch):
     chunk_bytes = 1 << 20
-    cfg = minilm_config(stream_chunk_bytes=chunk_bytes, stream_stall_timeout_s=3.0)
+    cfg = minilm_config(stream_chunk_bytes=chunk_bytes, grpc={"stream_stall_timeout_s": 3.0})
     engine = TeacherEngine.from_config(cfg)
     monkeypatch.setattr(grpc_server, "TeacherService", CountingService)
     CountingService.produced = 0

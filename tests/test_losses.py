@@ -9,6 +9,8 @@ import torch
 from kdserve import registry
 from student_workers import losses as L
 
+pytestmark = pytest.mark.unit
+
 torch.manual_seed(0)
 
 

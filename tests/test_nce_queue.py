@@ -22,6 +22,7 @@ def _naive_nce_one(s: list[float], t: list[float], queue: list[list[float]], tau
     return -math.log(pos / (pos + neg))
 
 
+@pytest.mark.unit
 def test_token_nce_hand_derived():
     # s == t (cos 1), one orthogonal negative (cos 0), tau = 1: -log(e / (e + 1))
     s = torch.tensor([[[1.0, 0.0]]])
@@ -31,6 +32,7 @@ def test_token_nce_hand_derived():
     assert L.token_nce(s, s, torch.zeros(0, 2)).item() == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_token_nce_naive(with_mask):
     b_n, t_n, d, k, tau = 2, 3, 4, 5, 0.2
@@ -48,6 +50,7 @@ def test_token_nce_naive(with_mask):
     assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-10)
 
 
+@pytest.mark.unit
 def test_token_nce_mean_pooled_naive():
     s = torch.randn(2, 4, 3, dtype=torch.float64)
     t = torch.randn(2, 4, 3, dtype=torch.float64)
@@ -63,6 +66,7 @@ def test_token_nce_mean_pooled_naive():
     assert got.item() == pytest.approx(sum(terms) / 2, rel=1e-10)
 
 
+@pytest.mark.unit
 def test_token_nce_is_scale_invariant_and_validates():
     s, t, q = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(5, 4)
     assert torch.allclose(L.token_nce(s, t, q), L.token_nce(3 * s, 0.5 * t, 7 * q))
@@ -72,6 +76,7 @@ def test_token_nce_is_scale_invariant_and_validates():
         L.token_nce(s, t, q, tau=0.0)
 
 
+@pytest.mark.unit
 def test_projection_then_nce_trains_phi_only_on_student_side():
     phi = L.Projection(3, 4)
     hs = torch.randn(2, 5, 3, requires_grad=True)
@@ -85,6 +90,7 @@ def test_projection_then_nce_trains_phi_only_on_student_side():
 # ---------------------------------------------------------------- TeacherQueue
 
 
+@pytest.mark.unit
 def test_queue_fifo_against_deque():
     k, d = 5, 2
     queue = L.TeacherQueue(dim=d, size=k)
@@ -100,6 +106,7 @@ def test_queue_fifo_against_deque():
         assert sorted(tuple(r) for r in queue.negatives().tolist()) == sorted(ref)
 
 
+@pytest.mark.unit
 def test_queue_negatives_only_filled_part():
     queue = L.TeacherQueue(dim=3, size=10)
     assert queue.negatives().shape == (0, 3)
@@ -107,6 +114,7 @@ def test_queue_negatives_only_filled_part():
     assert queue.negatives().shape == (4, 3) and len(queue) == 4
 
 
+@pytest.mark.unit
 def test_queue_enqueue_larger_than_k_keeps_newest():
     queue = L.TeacherQueue(dim=1, size=4)
     queue.enqueue(torch.tensor([[9.0]]))
@@ -116,6 +124,7 @@ def test_queue_enqueue_larger_than_k_keeps_newest():
     assert queue.ordered().flatten().tolist() == [7.0, 8.0, 9.0, 10.0]
 
 
+@pytest.mark.unit
 def test_queue_mask_tokens_and_detach():
     queue = L.TeacherQueue(dim=2, size=8)
     emb = torch.arange(12.0).reshape(2, 3, 2).requires_grad_(True)  # (B, T, D)
@@ -127,6 +136,7 @@ def test_queue_mask_tokens_and_detach():
         queue.enqueue(torch.zeros(3, 5))
 
 
+@pytest.mark.unit
 def test_queue_state_dict_round_trip():
     queue = L.TeacherQueue(dim=3, size=6)
     for _ in range(3):
@@ -149,6 +159,7 @@ def test_queue_state_dict_round_trip():
     assert torch.equal(L.token_nce(s, t, restored.negatives()), L.token_nce(s, t, queue.negatives()))
 
 
+@pytest.mark.unit
 def test_queue_is_carried_by_a_parent_module():
     parent = torch.nn.Module()
     parent.nce_queue = L.TeacherQueue(dim=2, size=3)
@@ -193,6 +204,7 @@ def test_ranks_enqueue_every_ranks_rows_in_rank_order(tmp_path):
     assert torch.equal(states[0]["queue"], alone.queue) and int(states[0]["ptr"]) == int(alone.ptr)
 
 
+@pytest.mark.unit
 def test_gather_rows_without_a_process_group_is_the_identity():
     x = torch.randn(5, 4)
     assert L.gather_rows(x) is x

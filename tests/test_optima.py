@@ -1,4 +1,4 @@
-"""Tests of the OPTIMA scheduler (Liang et al. 2023; methods.md section 7)."""
+"""Tests of the OPTIMA scheduler (Liang et al. 2023; docs/methods.md#optima)."""
 from __future__ import annotations
 
 import io
@@ -12,14 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from student_workers.optima import (
-    OptimaScheduler,
-    RoundAverager,
-    all_arms,
-    arm_layers,
-    round_reward,
-    write_jsonl,
-)
+from student_workers.optima.arms import all_arms, arm_layers
+from student_workers.optima.reward import round_reward, RoundAverager
+from student_workers.optima.scheduler import OptimaScheduler
+from student_workers.optima.rounds import log_round
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = ["img", "txt", "multi"]
@@ -28,6 +24,7 @@ MODULES = ["img", "txt", "multi"]
 # -- arms ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_all_arms_three_modules():
     arms = all_arms(MODULES)
     assert len(arms) == 7 == 2**3 - 1
@@ -39,12 +36,14 @@ def test_all_arms_three_modules():
     assert all_arms(MODULES) == arms  # deterministic
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("m", [1, 2, 4, 5])
 def test_all_arms_count(m):
     arms = all_arms([f"m{i}" for i in range(m)])
     assert len(arms) == 2**m - 1 == len(set(arms))
 
 
+@pytest.mark.unit
 def test_all_arms_rejects_bad_modules():
     with pytest.raises(ValueError):
         all_arms([])
@@ -52,6 +51,7 @@ def test_all_arms_rejects_bad_modules():
         all_arms(["a", "a"])
 
 
+@pytest.mark.unit
 def test_arm_layers_only_arm_modules():
     maps = {"img": [(1, 2), (2, 4)], "txt": [(1, 3)], "multi": [(1, 1)]}
     assert arm_layers(("img", "multi"), maps) == {"img": [(1, 2), (2, 4)], "multi": [(1, 1)]}
@@ -62,6 +62,7 @@ def test_arm_layers_only_arm_modules():
 # -- reward --------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_round_reward_hand_computed():
     prev = {"kd": 2.0, "hid": 1.0, "attn": 0.5}
     now = {"kd": 1.5, "hid": 1.2, "attn": 0.1}
@@ -70,6 +71,7 @@ def test_round_reward_hand_computed():
     assert round_reward(prev, now) == pytest.approx(0.35)
 
 
+@pytest.mark.unit
 def test_round_reward_clipping():
     prev = {"kd": 1.0, "hid": 1.0, "attn": 1.0}
     # A negative "now" gives a ratio of 3 -> clipped to 1; a tripled loss gives -2 -> clipped to 0.
@@ -77,6 +79,7 @@ def test_round_reward_clipping():
     assert round_reward(prev, {"kd": 5.0, "hid": 5.0, "attn": 5.0}) == 0.0
 
 
+@pytest.mark.unit
 def test_round_reward_edge_cases():
     now = {"kd": 0.5, "hid": 0.5, "attn": 0.5}
     # prev <= 0 contributes 0 but still counts in the 1/3.
@@ -91,6 +94,7 @@ def test_round_reward_edge_cases():
     assert round_reward({"kd": torch.tensor(4.0)}, {"kd": torch.tensor(3.0)}, keys=("kd",)) == pytest.approx(0.25)
 
 
+@pytest.mark.unit
 def test_round_averager():
     avg = RoundAverager()
     for kd in (1.0, 2.0, 6.0):
@@ -122,6 +126,7 @@ def _play_nonstationary(seed: int, rounds: int = 400, arm_a: int = 6, arm_b: int
     return picks
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_nonstationary_bandit_tracks_best_arm(seed):
     rounds, arm_a, arm_b = 400, 6, 1
@@ -136,6 +141,7 @@ def test_nonstationary_bandit_tracks_best_arm(seed):
     assert second.count(arm_b) / len(second) > 0.5
 
 
+@pytest.mark.unit
 def test_update_rules():
     sched = OptimaScheduler(MODULES, gamma=0.8, warmup_rounds=2, seed=3)
     rewards = {}
@@ -158,6 +164,7 @@ def test_update_rules():
     assert sched.half_life == pytest.approx(math.log(0.5) / math.log(0.8))
 
 
+@pytest.mark.unit
 def test_warmup_rejects_unscheduled_arm():
     sched = OptimaScheduler(MODULES, warmup_rounds=1, seed=0)
     idx = sched.select()
@@ -184,9 +191,10 @@ def _train(sched: OptimaScheduler, steps: int, start: int = 0) -> list[dict]:
     return records
 
 
+@pytest.mark.unit
 def test_warmup_each_arm_r0_times_after_baseline():
     r0, delta = 3, 4
-    sched = OptimaScheduler(MODULES, delta=delta, warmup_rounds=r0, seed=5)
+    sched = OptimaScheduler(MODULES, reports_per_round=delta, warmup_rounds=r0, seed=5)
     assert sched.current_arm() == ("img", "txt", "multi")  # baseline round plays the full arm
     records = _train(sched, delta * (1 + 7 * r0 + 5))
     assert [r["round"] for r in records] == list(range(len(records)))
@@ -201,8 +209,9 @@ def test_warmup_each_arm_r0_times_after_baseline():
         assert cur["reward"] == pytest.approx(round_reward(prev["losses"], cur["losses"]))
 
 
+@pytest.mark.unit
 def test_step_end_round_boundaries():
-    sched = OptimaScheduler(MODULES, delta=5, seed=0)
+    sched = OptimaScheduler(MODULES, reports_per_round=5, seed=0)
     out = [sched.step_end({"kd": 1.0, "hid": 1.0, "attn": 1.0}) for _ in range(10)]
     assert [i for i, o in enumerate(out) if o is not None] == [4, 9]
     assert out[4]["losses"] == pytest.approx({"kd": 1.0, "hid": 1.0, "attn": 1.0})
@@ -218,6 +227,7 @@ def _roundtrip(state: dict) -> dict:
     return torch.load(buf, weights_only=True)
 
 
+@pytest.mark.unit
 def test_state_dict_roundtrip_bandit():
     ref = OptimaScheduler(MODULES, gamma=0.85, warmup_rounds=1, seed=11)
     run = OptimaScheduler(MODULES, gamma=0.85, warmup_rounds=1, seed=11)
@@ -238,14 +248,15 @@ def test_state_dict_roundtrip_bandit():
     assert ref.history == resumed.history
 
 
+@pytest.mark.unit
 def test_state_dict_roundtrip_mid_round():
     delta = 6
-    ref = OptimaScheduler(MODULES, delta=delta, seed=2)
-    run = OptimaScheduler(MODULES, delta=delta, seed=2)
+    ref = OptimaScheduler(MODULES, reports_per_round=delta, seed=2)
+    run = OptimaScheduler(MODULES, reports_per_round=delta, seed=2)
     cut = delta * 12 + 3  # inside a round: the partial loss sums must be restored as well
     ref_records = _train(ref, cut)
     run_records = _train(run, cut)
-    resumed = OptimaScheduler(MODULES, delta=delta, seed=123)
+    resumed = OptimaScheduler(MODULES, reports_per_round=delta, seed=123)
     resumed.load_state_dict(_roundtrip(run.state_dict()))
     assert resumed.current_arm() == run.current_arm()
     ref_records += _train(ref, delta * 30, start=cut)
@@ -255,6 +266,7 @@ def test_state_dict_roundtrip_mid_round():
     assert torch.equal(ref.mu, resumed.mu) and torch.equal(ref.counts, resumed.counts)
 
 
+@pytest.mark.unit
 def test_load_rejects_other_modules():
     sched = OptimaScheduler(MODULES, seed=0)
     other = OptimaScheduler(["a", "b", "c"], seed=0)
@@ -267,10 +279,11 @@ def test_load_rejects_other_modules():
 
 def test_plot_cli_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
-    sched = OptimaScheduler(MODULES, delta=3, seed=4)
+    sched = OptimaScheduler(MODULES, reports_per_round=3, seed=4)
     _train(sched, 3 * 40)
     log = tmp_path / "rounds.jsonl"
-    sched.write_history(log)
+    for i, rec in enumerate(sched.history):
+        log_round(log, rec, done_step=3 * (i + 1))
     lines = log.read_text().splitlines()
     assert len(lines) == 40
     first = json.loads(lines[0])
@@ -279,7 +292,7 @@ def test_plot_cli_writes_png(tmp_path):
     out = tmp_path / "fig.png"
     env = dict(os.environ, PYTHONPATH=str(REPO), MPLBACKEND="Agg")
     proc = subprocess.run(
-        [sys.executable, "-m", "student_workers.plot_optima", "--log", str(log), "--out", str(out), "--phases", "4"],
+        [sys.executable, "-m", "student_workers.optima.plot", "--log", str(log), "--out", str(out), "--phases", "4"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
@@ -287,12 +300,16 @@ def test_plot_cli_writes_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_write_jsonl_records(tmp_path):
-    recs = [{"round": 0, "arm": ["img"], "arm_index": 0, "reward": None, "means": [0.0]}]
-    write_jsonl(recs, tmp_path / "x.jsonl")
-    assert json.loads((tmp_path / "x.jsonl").read_text()) == recs[0]
+@pytest.mark.unit
+def test_log_round_appends_one_json_line_per_round(tmp_path):
+    recs = [{"round": i, "arm": ["img"], "arm_index": 0, "reward": None, "means": [0.0]} for i in range(2)]
+    for i, rec in enumerate(recs):
+        log_round(tmp_path / "x.jsonl", rec, done_step=5 * (i + 1))
+    lines = (tmp_path / "x.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{**rec, "step": 5 * (i + 1)} for i, rec in enumerate(recs)]
 
 
+@pytest.mark.unit
 def test_thompson_draw_matches_formula():
     sched = OptimaScheduler(MODULES, warmup_rounds=1, seed=7)
     for i in range(7):
@@ -309,13 +326,12 @@ def test_thompson_draw_matches_formula():
         sched.update(idx, 0.5)
 
 
-def test_variance_scale_zero_is_greedy_and_from_config():
-    sched = OptimaScheduler.from_config({"modules": MODULES, "warmup_rounds": 1, "seed": 1, "variance_scale": 0.0})
+@pytest.mark.unit
+def test_variance_scale_zero_is_greedy():
+    sched = OptimaScheduler(MODULES, warmup_rounds=1, seed=1, variance_scale=0.0)
     for _ in range(7):
         idx = sched.select()
         sched.update(idx, 0.9 if idx == 4 else 0.1)
     assert all(sched.select() == 4 for _ in range(10))
-    with pytest.raises(ValueError):
-        OptimaScheduler.from_config({"modules": MODULES, "delt": 5})
     with pytest.raises(ValueError):
         OptimaScheduler(MODULES, gamma=1.0)

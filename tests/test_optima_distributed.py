@@ -1,4 +1,4 @@
-"""OPTIMA as the training loop runs it (methods.md section 7): the reward's losses are measured on
+"""OPTIMA as the training loop runs it (docs/methods.md#optima): the reward's losses are measured on
 the full model whatever arm is played, a needed target that is missing is an error, the first
 step after an arm switch trains on targets requested for the new arm (prefetch in between), and
 data-parallel ranks run one bandit (losses averaged over ranks, rank 0's decision broadcast).
@@ -17,13 +17,16 @@ import torch.multiprocessing as mp
 
 from kdserve.config import build
 from kdserve.teacher_config import TeacherConfig
-from student_workers.distiller import Distiller
-from student_workers.job_config import DistillSection
+from student_workers.losses.distiller import Distiller
+from student_workers.train.job_config import DistillSection
 from student_workers.losses import attention_mse_head_mean, feature_loss
-from student_workers.optima import OptimaScheduler, all_arms, broadcast_state, reduce_losses, round_reward
-from student_workers.prefetch import Prefetcher
-from student_workers.students import build_student
-from student_workers.train import ArmPlan
+from student_workers.optima.arms import all_arms
+from student_workers.optima.distributed import broadcast_state, reduce_losses
+from student_workers.optima.reward import round_reward
+from student_workers.optima.scheduler import OptimaScheduler
+from student_workers.client.prefetch import Prefetcher
+from student_workers.models.build import build_student
+from student_workers.optima.plan import ArmPlan
 from teacher_server.engine import TeacherEngine, Work
 from teacher_server.service import TeacherService
 from teacher_server.spec import resolve_spec
@@ -157,15 +160,15 @@ class RecordingClient:
         return f
 
 
-def run_prefetched(engine, info, steps: int, delta: int, measure: int, depth: int, plan_depth: int):
+def run_prefetched(engine, info, steps: int, delta: int, measure: int, depth: int | str, plan_depth: int):
     """The worker loop's OPTIMA path (Prefetcher -> ArmPlan -> Distiller -> bandit), on one rank."""
     d = make(info)
     opt = torch.optim.AdamW(d.parameters(), lr=1e-3)
-    sched = OptimaScheduler(d.modules_list, delta=measure, warmup_rounds=1, seed=3, loss_keys=KEYS)
-    plan = ArmPlan(d, sched, "float32", delta, measure, 0, depth=plan_depth)
+    sched = OptimaScheduler(d.modules_list, reports_per_round=measure, warmup_rounds=1, seed=3, loss_keys=KEYS)
+    plan = ArmPlan(sched, delta, measure, 0, depth=plan_depth)
     client = RecordingClient(engine)
     source = (coca_batch(100 + i) for i in range(steps))
-    pre = Prefetcher(source, lambda b: (teacher_view(b), plan.spec_for_next()), client, depth=depth)
+    pre = Prefetcher(source, lambda b: (teacher_view(b), d.target_spec("float32", plan.arm_for_next())), client, depth=depth)
     trained = []
     for step in range(steps):
         batch, tg = next(pre)
@@ -200,6 +203,16 @@ def test_an_arm_switch_trains_its_first_step_on_the_new_arms_targets(engine, inf
     assert len(set(trained)) >= 5
 
 
+def test_an_auto_depth_prefetcher_trains_under_a_plan_of_its_max_depth(engine, info):
+    """``prefetch_depth: auto`` (the job's most_in_flight(): max_depth for the plan): whatever depth the
+    prefetcher picks, at most max_depth, no step trains on targets requested for another arm."""
+    from student_workers.train.job_config import TeacherSection
+
+    plan_depth = TeacherSection(prefetch_depth="auto").most_in_flight()
+    d, specs, trained = run_prefetched(engine, info, 28, 7, 1, depth="auto", plan_depth=plan_depth)
+    assert len(trained) == 28 and len(specs) == 28
+
+
 def test_a_plan_that_ignores_the_prefetch_depth_is_caught(engine, info):
     """The old behaviour (the first steps of a round requested with the previous arm) must fail loudly."""
     with pytest.raises(RuntimeError, match="requested for arm"):
@@ -215,7 +228,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, rounds: int,
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         # Different seeds per rank: only rank 0's choices may count (broadcast_state).
-        sched = OptimaScheduler(["a", "b"], delta=delta, warmup_rounds=1, seed=11 + rank, loss_keys=KEYS)
+        sched = OptimaScheduler(["a", "b"], reports_per_round=delta, warmup_rounds=1, seed=11 + rank, loss_keys=KEYS)
         broadcast_state(sched)
         for step in range(rounds * delta):
             local = local_losses(rank, step)
@@ -242,7 +255,7 @@ def test_ranks_share_one_bandit_fed_the_mean_of_their_losses():
         states = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
     assert states[0] == states[1]
     # The same bandit, alone, fed the rank-mean losses by hand (rank 0's seed decides).
-    alone = OptimaScheduler(["a", "b"], delta=delta, warmup_rounds=1, seed=11, loss_keys=KEYS)
+    alone = OptimaScheduler(["a", "b"], reports_per_round=delta, warmup_rounds=1, seed=11, loss_keys=KEYS)
     for step in range(rounds * delta):
         per_rank = [local_losses(r, step) for r in range(world)]
         alone.step_end({k: sum(l[k] for l in per_rank) / world for k in KEYS})
@@ -254,10 +267,10 @@ def test_ranks_share_one_bandit_fed_the_mean_of_their_losses():
 
 
 def test_summary_roundtrips_through_state_dict():
-    a = OptimaScheduler(["a", "b", "c"], delta=2, warmup_rounds=1, seed=5, loss_keys=KEYS)
+    a = OptimaScheduler(["a", "b", "c"], reports_per_round=2, warmup_rounds=1, seed=5, loss_keys=KEYS)
     for step in range(21):
         a.step_end({"kd": 1.0 / (step + 1), "hid": 2.0 - 0.05 * step, "attn": 0.3 + 0.01 * (step % 4)})
-    b = OptimaScheduler(["a", "b", "c"], delta=2, warmup_rounds=1, seed=99, loss_keys=KEYS)
+    b = OptimaScheduler(["a", "b", "c"], reports_per_round=2, warmup_rounds=1, seed=99, loss_keys=KEYS)
     assert b.summary() != a.summary()
     b.load_state_dict(copy.deepcopy(a.state_dict()))
     assert b.summary() == a.summary()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kdserve.config import build
-from student_workers.job_config import JobConfig
+from student_workers.train.job_config import JobConfig
 
 pytestmark = pytest.mark.cluster
 
@@ -28,12 +28,12 @@ def coca_address(serve_teachers):
     from teacher_server.serve_app import build_app
 
     try:
-        from student_workers.data_emoji import emoji_dir
+        from student_workers.data.emoji import emoji_dir
 
         emoji_dir()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    cfg = TeacherConfig(model="coca:tiny", pretrained=False, model_kwargs=TEACHER, num_cpus=0.5)
+    cfg = TeacherConfig(model="coca:tiny", pretrained=False, model_kwargs=TEACHER, serve={"num_cpus": 0.5})
     serve.run(build_app(cfg.model_dump()), name="coca", route_prefix="/coca")
     yield f"grpc://127.0.0.1:{serve_teachers['port']}/coca"
     serve.delete("coca")
@@ -55,12 +55,12 @@ def _job(tmp_path, address, steps: int):
 
 def _rank_states(run_dir: Path, checkpoint) -> list[dict]:
     """Both ranks' bandit states: the JSON each wrote at its end, and its copy in the checkpoint."""
-    from student_workers.optima import OptimaScheduler
+    from student_workers.optima.scheduler import OptimaScheduler
 
     states = []
     for r in (0, 1):
         written = json.loads((run_dir / f"optima_state_rank{r}.json").read_text())
-        sched = OptimaScheduler(["image", "text", "multimodal"], delta=2)  # measure_steps: a round's measured steps
+        sched = OptimaScheduler(["image", "text", "multimodal"], reports_per_round=2)  # measure_steps: a round's measured steps
         sched.load_state_dict(torch.load(Path(checkpoint.path) / f"optima_rank{r}.pt", weights_only=False))
         assert sched.summary() == written
         states.append(written)
@@ -68,18 +68,18 @@ def _rank_states(run_dir: Path, checkpoint) -> list[dict]:
 
 
 def test_optima_two_workers_run_one_bandit_and_resume_it(tmp_path, coca_address):
-    import distill_job
+    from kdjob.fit import fit
 
     # 25 steps = 5 rounds of delta 5, checkpointed at step 25; then the same run resumed to 45.
     cfg = _job(tmp_path, coca_address, 25)
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
-    first = distill_job.fit(cfg, coca_address, run_dir)
+    first = fit(cfg, coca_address, run_dir)
     assert first.error is None and first.metrics["step"] == 25
     s0, s1 = _rank_states(run_dir, first.checkpoint)
     assert s0 == s1  # one bandit per job: means, counts, arm history, RNG
     assert len(s0["history"]) == 5 and sum(s0["counts"]) == 4 and s0["round_count"] == 0
 
-    second = distill_job.fit(_job(tmp_path, coca_address, 45), coca_address, run_dir)
+    second = fit(_job(tmp_path, coca_address, 45), coca_address, run_dir)
     assert second.error is None and second.metrics["step"] == 45 and second.metrics["resumed_from"] == 25
     r0, r1 = _rank_states(run_dir, second.checkpoint)
     assert r0 == r1

@@ -17,8 +17,8 @@ import torchvision.transforms.v2.functional as TF
 
 from kdserve import wire
 from kdserve.v1 import teacher_pb2 as pb
-from student_workers.client import SyncTeacherClient
-from student_workers.prefetch import Prefetcher, align_images, teacher_image_size
+from student_workers.client.sync_client import SyncTeacherClient
+from student_workers.client.prefetch import Prefetcher, align_images, teacher_image_size
 from teacher_server.engine import Work
 from teacher_server.grpc_server import run_server
 from teacher_server.service import TeacherService
@@ -74,6 +74,53 @@ def test_order_preserved_with_varying_latency():
     assert pf.steps == 20
 
 
+class AnsweredOnWait(concurrent.futures.Future):
+    """A request of ``LateFirstTeacher``: waiting on it makes the teacher answer what is in flight."""
+
+    def __init__(self, teacher: "LateFirstTeacher"):
+        super().__init__()
+        self.teacher = teacher
+
+    def result(self, timeout: float | None = None) -> Any:
+        self.teacher.answer_in_flight()
+        return super().result(timeout=0)
+
+
+class LateFirstTeacher:
+    """Answers out of order without threads or sleeps: whenever the loop waits for a request, every
+    request still in flight is answered, the newest first (later batches finish first)."""
+
+    address = "late-first://test"
+
+    def __init__(self) -> None:
+        self.in_flight: list[tuple[int, AnsweredOnWait, torch.Tensor]] = []
+        self.answered: list[int] = []
+
+    def submit(self, inputs: dict[str, torch.Tensor], spec: Any) -> AnsweredOnWait:
+        fut = AnsweredOnWait(self)
+        self.in_flight.append((int(inputs["i"]), fut, inputs["x"]))
+        return fut
+
+    def answer_in_flight(self) -> None:
+        while self.in_flight:
+            i, fut, x = self.in_flight.pop()
+            fut.set_result({"y": x * 2})
+            self.answered.append(i)
+
+
+@pytest.mark.unit
+def test_order_preserved_when_later_batches_are_answered_first():
+    teacher = LateFirstTeacher()
+    seen = []
+    for batch, targets in Prefetcher(batches(8), request, teacher, depth=3, timeout=5):
+        seen.append(int(batch["i"]))
+        assert torch.equal(targets["y"], batch["x"] * 2)  # its own targets, not a neighbour's
+    # waiting for batch 0 found 0, 1 and 2 in flight and they were answered 2, 1, 0; from then on
+    # each wait finds only the one batch pulled after the previous step
+    assert teacher.answered == [2, 1, 0, 3, 4, 5, 6, 7]
+    assert seen == list(range(8))
+
+
 class ClockFuture(concurrent.futures.Future):
     """A future whose answer is due at ``done_at`` on a fake clock; waiting moves the clock there."""
 
@@ -121,6 +168,7 @@ def simulate(depth: int, x: float, y: float, steps: int = 20) -> tuple[float, in
     return clock.now, ready, pf
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("x,y", [(0.6, 1.0), (1.0, 1.0)])
 def test_prefetch_overlaps_teacher_and_training(x, y):
     """Teacher no slower than the step: with prefetch only the first batch waits (X + N*Y in all,
@@ -134,6 +182,7 @@ def test_prefetch_overlaps_teacher_and_training(x, y):
     assert ready0 == 0 and pf0.steps == n
 
 
+@pytest.mark.unit
 def test_prefetch_is_teacher_bound_when_the_teacher_is_slower():
     """X > Y: the serial teacher is busy from the start, so N steps end at N*X + Y; nothing is ready."""
     n = 20
@@ -145,6 +194,53 @@ def test_prefetch_is_teacher_bound_when_the_teacher_is_slower():
     assert total1 == pytest.approx(0.5 + n * 1.0) and ready1 == n - 1
 
 
+class StatsTeacher(SleepyTeacher):
+    """A SleepyTeacher whose ``stats`` say each request queued ``queue_ms`` at the teacher."""
+
+    def __init__(self, latency, queue_ms: float, **kw):
+        super().__init__(latency, **kw)
+        self.stats = type("Stats", (), {"requests": 0, "teacher_queue_ms": 0.0})()
+        self.queue_ms = queue_ms
+
+    def _answer(self, inputs):
+        out = super()._answer(inputs)
+        self.stats.requests += 1
+        self.stats.teacher_queue_ms += self.queue_ms
+        return out
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("latency,queue_ms,want", [(0.0, 0.0, {2}), (0.025, 0.0, {3, 4}), (0.025, 22.0, {2})])
+def test_auto_depth_covers_the_round_trip(latency, queue_ms, want):
+    """depth="auto": 1 + ceil(R / S), R the round trip less the teacher's queue, S the step (10 ms
+    here), within [2, max_depth]: an instant teacher keeps 2; one of 25 ms per request needs 3 or 4 so the
+    loop never waits (after the first batches); time the teacher says a request queued is not latency
+    to cover (it would grow the depth that makes it)."""
+    teacher = (StatsTeacher(lambda i: latency, queue_ms, workers=8) if queue_ms
+               else SleepyTeacher(lambda i: latency, workers=8))
+    depths, waits = [], []
+    with Prefetcher(batches(30), request, teacher, depth="auto", timeout=5) as pf:
+        for batch, targets in pf:
+            assert torch.equal(targets["y"], batch["x"] * 2)
+            depths.append(pf.depth)
+            waits.append(pf.wait_s)
+            time.sleep(0.010)
+    teacher.close()
+    assert pf.steps == 30 and set(depths) <= {2, 3, 4}
+    assert depths[-1] in want, depths
+    if want == {3, 4}:
+        assert sum(waits[-10:]) < 0.02, waits  # the pipeline covers the teacher
+
+
+@pytest.mark.unit
+def test_auto_depth_is_checked():
+    with pytest.raises(ValueError, match="depth"):
+        Prefetcher(batches(1), request, SleepyTeacher(lambda i: 0.0), depth="deep")
+    with pytest.raises(ValueError, match="max_depth"):
+        Prefetcher(batches(1), request, SleepyTeacher(lambda i: 0.0), depth="auto", max_depth=1)
+
+
+@pytest.mark.unit
 def test_teacher_error_surfaces_at_its_batch():
     teacher = SleepyTeacher(lambda i: 0.0, workers=2, fail_at=5)
     seen = []
@@ -158,6 +254,7 @@ def test_teacher_error_surfaces_at_its_batch():
     assert list(pf) == []  # closed after the error
 
 
+@pytest.mark.unit
 def test_source_error_surfaces_in_order():
     def broken() -> Iterator[dict[str, torch.Tensor]]:
         yield from batches(3)
@@ -173,6 +270,7 @@ def test_source_error_surfaces_in_order():
     assert seen == [0, 1, 2]
 
 
+@pytest.mark.unit
 def test_make_request_error_surfaces():
     def bad_request(batch):
         if int(batch["i"]) == 2:
@@ -188,27 +286,42 @@ def test_make_request_error_surfaces():
     assert seen == [0, 1]
 
 
+class NeverFuture(concurrent.futures.Future):
+    """A request that is never answered: waiting on it times out at once (no real wait), after
+    recording the timeout it was waited with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited_with: list[float | None] = []
+
+    def result(self, timeout: float | None = None) -> Any:
+        self.waited_with.append(timeout)
+        raise concurrent.futures.TimeoutError()
+
+
 class SilentTeacher:
     """Accepts requests and never answers (a stuck teacher)."""
 
     address = "grpc://stuck:50051"
 
     def __init__(self) -> None:
-        self.futures: list[concurrent.futures.Future] = []
+        self.futures: list[NeverFuture] = []
 
     def submit(self, inputs, spec) -> concurrent.futures.Future:
-        self.futures.append(concurrent.futures.Future())
+        self.futures.append(NeverFuture())
         return self.futures[-1]
 
 
+@pytest.mark.unit
 def test_silent_teacher_times_out():
     teacher = SilentTeacher()
     pf = Prefetcher(batches(10), request, teacher, depth=3, timeout=0.3)
-    t0 = time.perf_counter()
-    with pytest.raises(TimeoutError, match=r"grpc://stuck:50051.*0\.3 s"):
+    with pytest.raises(TimeoutError, match=r"no targets from teacher grpc://stuck:50051 for batch 0 within 0\.3 s"):
         next(pf)
-    assert 0.25 <= time.perf_counter() - t0 < 2.0
+    # the loop waited for batch 0 only, and with the prefetcher's timeout (not forever)
+    assert [f.waited_with for f in teacher.futures] == [[0.3], [], []]
     assert len(teacher.futures) == 3 and all(f.cancelled() for f in teacher.futures)  # nothing left pending
+    assert list(pf) == []  # closed after the timeout
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3])
@@ -256,6 +369,7 @@ def test_prefetch_against_real_teacher(vit_engine):
         assert torch.equal(targets["hidden.vision.3"], want["hidden.vision.3"])
 
 
+@pytest.mark.unit
 def test_align_images():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 64, 48, generator=g)  # (B, 3, H, W)
@@ -274,6 +388,7 @@ def test_align_images():
         align_images(x[0], (32, 32))
 
 
+@pytest.mark.unit
 def test_teacher_image_size(vit_engine):
     assert teacher_image_size(TeacherService(vit_engine).describe()) == (32, 32)
     text = pb.TeacherInfo(inputs=[pb.InputInfo(name="input_ids", dtype="int64", shape=[-1, -1])])

@@ -13,6 +13,8 @@ from teacher_server.engine import TeacherEngine
 from teacher_server.service import TeacherService
 from teacher_server.spec import SpecError
 
+pytestmark = pytest.mark.unit
+
 MODEL = "synthetic:input=text,layers=4,dim=16,heads=2,classes=5,vocab=100,max_len=32"
 
 

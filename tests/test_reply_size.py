@@ -11,6 +11,8 @@ from teacher_server.engine import TeacherEngine
 from teacher_server.service import TeacherService
 from tests.conftest import tiny_vit_config
 
+pytestmark = pytest.mark.unit
+
 IMAGE = "synthetic:layers=3,tokens=5,dim=8,heads=2,classes=7,latency_ms=0,image_size=16"
 TEXT = "synthetic:input=text,layers=3,dim=6,heads=3,classes=4,vocab=50,max_len=16,latency_ms=0"
 
@@ -20,6 +22,8 @@ SPECS = [
     dict(hidden={"": [2]}, dtype="bfloat16"),
     dict(hidden={"": [1, 2]}, dtype="int8"),
     dict(hidden={"": []}, hidden_reduction="data2vec", dtype="int8"),
+    dict(hidden={"": [1, 3]}, hidden_reduction="mean"),
+    dict(hidden={"": [2]}, hidden_reduction="mean", dtype="int8"),
     dict(attention={"": [1, 2]}),
     dict(attention={"": [-1]}, attention_reduction="head_mean", dtype="float16"),
     dict(attention={"": [1]}, dtype="int8"),

@@ -12,6 +12,8 @@ from kdserve.wire import build_request, target_spec
 from teacher_server.engine import TeacherEngine
 from teacher_server.service import TeacherService
 
+pytestmark = pytest.mark.unit
+
 TEXT = "synthetic:input=text,layers=3,dim=6,heads=3,classes=4,vocab=50,max_len=16,latency_ms=0"
 SPECS = [
     dict(hidden={"": [1, 3]}),

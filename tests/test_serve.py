@@ -137,7 +137,8 @@ def test_bad_input_gets_status_and_server_survives(stub, local_vit, name, reques
 
 @pytest.fixture(scope="module")
 def secured(serve_teachers, tmp_path_factory):
-    """A third app whose replicas need a bearer token (TeacherConfig.auth_token_file) and cap bytes."""
+    """A third app whose replicas need a bearer token (TeacherConfig.serve.auth_token_file), cap bytes
+    and take streams of at most 4 KiB through the proxy."""
     from ray import serve
 
     from tests.conftest import tiny_vit_config
@@ -145,7 +146,8 @@ def secured(serve_teachers, tmp_path_factory):
 
     token_file = tmp_path_factory.mktemp("tok") / "token"
     token_file.write_text("s3cret-serve\n")
-    cfg = tiny_vit_config(num_cpus=0.25, auth_token_file=str(token_file), max_queued_bytes_per_experiment=64 << 10)
+    cfg = tiny_vit_config(serve={"num_cpus": 0.25, "auth_token_file": str(token_file), "proxy_stream_max_bytes": 4096},
+                          sharing={"max_queued_bytes_per_experiment": 64 << 10})
     serve.run(build_app(cfg.model_dump()), name="secured", route_prefix="/secured")
     channel = grpc.insecure_channel(f"127.0.0.1:{serve_teachers['port']}", options=wire.CHANNEL_OPTIONS)
     yield pb_grpc.TeacherServiceStub(channel), TeacherEngine.from_config(cfg)
@@ -186,3 +188,32 @@ def test_serve_byte_cap_is_resource_exhausted(secured):
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert e.value.details() == ("experiment 'cap' has 0.0 MiB of requests in flight; 0.1 MiB more is over "
                                      "the teacher's cap of 0.1 MiB")
+
+
+def test_a_big_stream_is_refused_by_the_proxy_and_served_by_the_replica(secured):
+    """The proxy buffers a stream whole (no flow control): over serve.proxy_stream_max_bytes it is
+    RESOURCE_EXHAUSTED before any forward, and the replica's own endpoint streams it."""
+    from kdserve import auth, limits
+
+    stub, engine = secured
+    x = torch.rand(4, 3, 32, 32)
+    req = wire.build_request({"pixel_values": x}, wire.target_spec(hidden={"vision": [1, 2, 3]}), "big-stream")
+    md = (SECURED, *auth.metadata("s3cret-serve"))
+    info = stub.Describe(pb.DescribeRequest(), metadata=md)
+    size = limits.estimate_reply_bytes(info, 4, 0, req.spec)
+    assert size > 4096  # the case under test
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.StreamTargets(req, metadata=md))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert e.value.details().startswith(f"a stream of {size} bytes through Ray Serve's gRPC proxy is over "
+                                        "serve.proxy_stream_max_bytes (4096;")
+    small = wire.build_request({"pixel_values": x[:1]}, wire.target_spec(logits=True), "small-stream")
+    assert len(list(stub.StreamTargets(small, metadata=md))) == 1  # under the bound: still served
+    (endpoint, *_) = info.replica_endpoints
+    with grpc.insecure_channel(endpoint, options=wire.CHANNEL_OPTIONS) as ch:
+        chunks = list(pb_grpc.TeacherServiceStub(ch).StreamTargets(req, metadata=auth.metadata("s3cret-serve")))
+    got = {k: torch.cat([codec.decode(c.outputs[k]) for c in chunks]) for k in chunks[0].outputs}
+    (ref,), _ = engine.run([Work({"pixel_values": x}, TargetSpec(hidden=(("vision", (1, 2, 3)),)))])
+    assert set(got) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5)

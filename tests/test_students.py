@@ -1,4 +1,4 @@
-"""Students (student_workers/students.py) against independent computations: a block loop written
+"""Students (student_workers/models/build.py) against independent computations: a block loop written
 here, attention recomputed naively as softmax(Q K^T / sqrt(d)), weights compared with the source
 models they were copied from."""
 from __future__ import annotations
@@ -11,7 +11,11 @@ from pydantic import BaseModel
 
 from kdserve import registry
 from kdserve.config import ConfigError
-from student_workers.students import StudentConfig, build_student, masked_mean
+from student_workers.models.base import StudentConfig
+from student_workers.models.build import build_student
+from student_workers.models.hf_text import masked_mean
+
+pytestmark = pytest.mark.unit
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
 TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
@@ -328,7 +332,7 @@ def test_masked_mean_by_hand():
 def minilm():
     from transformers import AutoModel
 
-    from student_workers.students import resolve_hf_path
+    from kdserve.packaged import resolve_hf_path
 
     return AutoModel.from_pretrained(resolve_hf_path("minilm")).eval()
 

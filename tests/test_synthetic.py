@@ -10,7 +10,7 @@ import torch
 
 from kdserve import wire
 from kdserve.teacher_config import TeacherConfig
-from student_workers.client import SyncTeacherClient
+from student_workers.client.sync_client import SyncTeacherClient
 from teacher_server.adapters.synthetic import parse_synthetic
 from teacher_server.engine import TeacherEngine, Work
 from teacher_server.grpc_server import run_server
@@ -37,6 +37,7 @@ def run(e: TeacherEngine, inputs, **spec) -> dict:
 ALL = dict(hidden=(("vision", (1, 2, 3, 4)),), attention=(("vision", (1, 4)),), logits=True)
 
 
+@pytest.mark.unit
 def test_outputs_are_deterministic_and_per_sample():
     x = images(4, seed=1)
     a, b = run(engine(), {"pixel_values": x}, **ALL), run(engine(), {"pixel_values": x}, **ALL)
@@ -54,6 +55,7 @@ def test_outputs_are_deterministic_and_per_sample():
     assert not torch.allclose(a["hidden.vision.1"], a["hidden.vision.2"])
 
 
+@pytest.mark.unit
 def test_attention_rows_sum_to_one():
     out = run(engine(), {"pixel_values": images(3, seed=2)}, attention=(("vision", (1, 2, 3, 4)),))
     for l in (1, 2, 3, 4):
@@ -78,6 +80,7 @@ def test_shapes_follow_describe_over_grpc():
     assert info.fingerprint == e.fingerprint
 
 
+@pytest.mark.unit
 def test_text_tokens_follow_the_input_and_ids_are_checked():
     e = engine(TEXT)
     assert e.modules[0].num_tokens == -1
@@ -91,6 +94,7 @@ def test_text_tokens_follow_the_input_and_ids_are_checked():
         e.check(Work({"input_ids": ids + 100}, TargetSpec(logits=False, hidden=(("text", (1,)),))))
 
 
+@pytest.mark.unit
 def test_text_hidden_states_equal_the_formula_written_out():
     """H_l[b] = base + (l / L) depth + a_b pattern, a_b = sin(sum_j ids[b, j] mask[b, j] w_j / 100)."""
     e = engine(TEXT)
@@ -105,6 +109,7 @@ def test_text_hidden_states_equal_the_formula_written_out():
         torch.testing.assert_close(out["hidden.text.2"][b].double(), want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_token_ids_segments_and_mask_values_are_checked():
     from teacher_server.adapters.base import check_token_ids
     from teacher_server.spec import SpecError
@@ -124,6 +129,7 @@ def test_token_ids_segments_and_mask_values_are_checked():
         check_token_ids({"input_ids": ids, "token_type_ids": torch.tensor([[0, 2, 1]])}, 10, 8, type_vocab_size=2)
 
 
+@pytest.mark.unit
 def test_data2vec_target_equals_naive_formula():
     e, x = engine(), images(2, seed=3)
     hid = run(e, {"pixel_values": x}, hidden=(("vision", (2, 3, 4)),))
@@ -134,6 +140,7 @@ def test_data2vec_target_equals_naive_formula():
     assert not torch.allclose(d2v["data2vec.vision"][0], d2v["data2vec.vision"][1], atol=1e-3)
 
 
+@pytest.mark.unit
 def test_data2vec_ignores_padding_of_text():
     e = engine(TEXT)
     ids = torch.randint(1, 100, (1, 7), generator=torch.Generator().manual_seed(4))
@@ -155,6 +162,7 @@ class FakeClock:
         self.now += s
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "spec,expected_ms",
     [
@@ -172,6 +180,7 @@ def test_forward_sleeps_its_latency(spec, expected_ms):
     assert clock.sleeps == [pytest.approx((expected_ms + 0.5 * 4) / 1e3)]  # one sleep per forward
 
 
+@pytest.mark.unit
 def test_one_sleep_per_batched_forward():
     e = engine(SMALL.replace("latency_ms=0", "latency_ms=20"))
     clock = FakeClock()
@@ -182,6 +191,7 @@ def test_one_sleep_per_batched_forward():
     assert clock.sleeps == [pytest.approx(0.02)]  # four requests, one forward, one latency
 
 
+@pytest.mark.unit
 def test_fingerprint_tracks_outputs_not_latency():
     base = engine().fingerprint
     assert engine(SMALL.replace("latency_ms=0", "latency_ms=50")).fingerprint == base
@@ -189,6 +199,7 @@ def test_fingerprint_tracks_outputs_not_latency():
     assert engine(SMALL + ",seed=1").fingerprint != base
 
 
+@pytest.mark.unit
 def test_malformed_model_strings_are_refused():
     with pytest.raises(ValueError, match="not key=value"):
         parse_synthetic("layers")

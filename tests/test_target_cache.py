@@ -13,6 +13,8 @@ from teacher_server.engine import Quantized, Work
 from teacher_server.spec import TargetSpec
 from teacher_server.target_cache import TargetCache, cache_key
 
+pytestmark = pytest.mark.unit
+
 SPEC = TargetSpec(hidden=(("text", (2, 6)),), attention=(("text", (1,)),), logits=False, dtype="float16")
 
 

@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from kdserve import tls, wire
-from student_workers.client import SyncTeacherClient, TeacherUnavailable
+from student_workers.client.errors import TeacherUnavailable
+from student_workers.client.sync_client import SyncTeacherClient
 from teacher_server.grpc_server import run_server
 from tests.test_client import assert_same, direct
 
@@ -99,6 +100,7 @@ def test_tls_and_token_both_required(tls_server):
     assert e.value.code == grpc.StatusCode.UNAUTHENTICATED and c.stats.retries == 0
 
 
+@pytest.mark.unit
 def test_bad_files(tmp_path):
     (tmp_path / "junk.pem").write_text("not a certificate")
     with pytest.raises(tls.TLSError, match="not PEM"):

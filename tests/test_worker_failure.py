@@ -4,7 +4,7 @@ bandit exactly as checkpointed, on every rank.
 
 Two workers, the tiny CoCa teacher on the session's Serve proxy, NCE (small queue) and OPTIMA.
 Rank 1 crashes (os._exit) before step 13 on the first attempt (a fault drill, see
-student_workers/faults.py); the last checkpoint is step 10. The first attempt is the uninterrupted
+student_workers/train/faults.py); the last checkpoint is step 10. The first attempt is the uninterrupted
 run up to step 13, so its step-10 checkpoint is what an uninterrupted run holds at the resume step.
 """
 from __future__ import annotations
@@ -16,11 +16,13 @@ import pytest
 import torch
 
 from kdserve.config import build
-from student_workers.faults import DRILL_FILE, FIRED_FILE, RESTORED_DIR
-from student_workers.job_config import JobConfig
-from tests.test_optima_e2e import STUDENT, coca_address  # noqa: F401  (module fixture: the CoCa app)
+from student_workers.train.run_dir import DRILL_FILE, FIRED_FILE, RESTORED_DIR
+from student_workers.train.job_config import JobConfig
+from tests import test_optima_e2e
+from tests.test_optima_e2e import STUDENT
 
 pytestmark = pytest.mark.cluster
+coca_address = test_optima_e2e.coca_address  # the module fixture serving the CoCa app, shared
 STEPS, EVERY, FAIL_RANK, FAIL_STEP, QUEUE, BATCH, MAX_LEN = 20, 10, 1, 13, 96, 4, 12
 # Most teacher tokens one rank enqueues per step: 16 patches + CLS per image, <= MAX_LEN per caption.
 STEP_TOKENS = {"image": BATCH * 17, "text": BATCH * MAX_LEN, "multimodal": BATCH * MAX_LEN}
@@ -59,9 +61,9 @@ def _queues(distiller_state: dict) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _bandit_summary(path: Path) -> dict:
-    from student_workers.optima import OptimaScheduler
+    from student_workers.optima.scheduler import OptimaScheduler
 
-    sched = OptimaScheduler(list(MODULES), delta=2, loss_keys=("kd", "hid"))
+    sched = OptimaScheduler(list(MODULES), reports_per_round=2, loss_keys=("kd", "hid"))
     sched.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
     return sched.summary()
 
@@ -73,15 +75,15 @@ def _assert_same_queues(a: dict, b: dict, what: str) -> None:
             assert torch.equal(a[m][buf], b[m][buf]), f"{what}: {m}.{buf}"
 
 
-def test_worker_crash_resumes_queues_and_bandit_from_checkpoint(tmp_path, coca_address):  # noqa: F811
-    import distill_job
+def test_worker_crash_resumes_queues_and_bandit_from_checkpoint(tmp_path, coca_address):
+    from kdjob.fit import fit
 
     cfg = _job(tmp_path, coca_address)
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     run_dir.mkdir(parents=True)
     (run_dir / DRILL_FILE).write_text(f"{FAIL_RANK}:{FAIL_STEP}")
 
-    result = distill_job.fit(cfg, coca_address, run_dir)
+    result = fit(cfg, coca_address, run_dir)
 
     assert result.error is None, result.error
     assert (run_dir / FIRED_FILE).is_file()  # the drill really killed a worker

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kdserve/v1/teacher.proto\x12\nkdserve.v1\"D\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06scales\x18\x04 \x01(\x0c\"\x11\n\x0f\x44\x65scribeRequest\"\x7f\n\nModuleInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x05\x12\x11\n\tnum_heads\x18\x04 \x01(\x05\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x13\n\x0blayer_sizes\x18\x06 \x03(\x05\"V\n\tInputInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x10\n\x08required\x18\x04 \x01(\x08\x12\x0b\n\x03\x64oc\x18\x05 \x01(\t\"\xfe\x01\n\x0bTeacherInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\'\n\x07modules\x18\x03 \x03(\x0b\x32\x16.kdserve.v1.ModuleInfo\x12%\n\x06inputs\x18\x04 \x03(\x0b\x32\x15.kdserve.v1.InputInfo\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\x05\x12\x13\n\x0bnum_classes\x18\x06 \x01(\x05\x12\x19\n\x11max_request_bytes\x18\x07 \x01(\x03\x12\x17\n\x0fmax_reply_bytes\x18\x08 \x01(\x03\x12\x15\n\rpreprocessing\x18\t \x01(\t\"0\n\x0eLayerSelection\x12\x0e\n\x06module\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\x05\"\xe9\x01\n\nTargetSpec\x12*\n\x06hidden\x18\x01 \x03(\x0b\x32\x1a.kdserve.v1.LayerSelection\x12\x18\n\x10hidden_reduction\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x61ta2vec_eps\x18\x03 \x01(\x02\x12-\n\tattention\x18\x04 \x03(\x0b\x32\x1a.kdserve.v1.LayerSelection\x12\x1b\n\x13\x61ttention_reduction\x18\x05 \x01(\t\x12\x0e\n\x06logits\x18\x06 \x01(\x08\x12\x14\n\x0clogits_top_k\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\"\xdd\x01\n\x0eTargetsRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x36\n\x06inputs\x18\x02 \x03(\x0b\x32&.kdserve.v1.TargetsRequest.InputsEntry\x12\x13\n\x0bsample_keys\x18\x03 \x03(\t\x12$\n\x04spec\x18\x04 \x01(\x0b\x32\x16.kdserve.v1.TargetSpec\x1a\x41\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.kdserve.v1.Tensor:\x02\x38\x01\"^\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x16\n\x0e\x62\x61tch_requests\x18\x03 \x01(\x05\x12\x15\n\rbatch_samples\x18\x04 \x01(\x05\"\x85\x02\n\x0cTargetsReply\x12\x36\n\x07outputs\x18\x01 \x03(\x0b\x32%.kdserve.v1.TargetsReply.OutputsEntry\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12$\n\x07timings\x18\x03 \x01(\x0b\x32\x13.kdserve.v1.Timings\x12\x13\n\x0bsample_keys\x18\x04 \x03(\t\x12\x15\n\rsample_offset\x18\x05 \x01(\x05\x12\x12\n\nnum_chunks\x18\x06 \x01(\x05\x1a\x42\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.kdserve.v1.Tensor:\x02\x38\x01\x32\xdf\x01\n\x0eTeacherService\x12@\n\x08\x44\x65scribe\x12\x1b.kdserve.v1.DescribeRequest\x1a\x17.kdserve.v1.TeacherInfo\x12\x42\n\nGetTargets\x12\x1a.kdserve.v1.TargetsRequest\x1a\x18.kdserve.v1.TargetsReply\x12G\n\rStreamTargets\x12\x1a.kdserve.v1.TargetsRequest\x1a\x18.kdserve.v1.TargetsReply0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kdserve/v1/teacher.proto\x12\nkdserve.v1\"D\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06scales\x18\x04 \x01(\x0c\"\x11\n\x0f\x44\x65scribeRequest\"\x7f\n\nModuleInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x05\x12\x11\n\tnum_heads\x18\x04 \x01(\x05\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x13\n\x0blayer_sizes\x18\x06 \x03(\x05\"V\n\tInputInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x10\n\x08required\x18\x04 \x01(\x08\x12\x0b\n\x03\x64oc\x18\x05 \x01(\t\"\xdf\x02\n\x0bTeacherInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\'\n\x07modules\x18\x03 \x03(\x0b\x32\x16.kdserve.v1.ModuleInfo\x12%\n\x06inputs\x18\x04 \x03(\x0b\x32\x15.kdserve.v1.InputInfo\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\x05\x12\x13\n\x0bnum_classes\x18\x06 \x01(\x05\x12\x19\n\x11max_request_bytes\x18\x07 \x01(\x03\x12\x17\n\x0fmax_reply_bytes\x18\x08 \x01(\x03\x12\x15\n\rpreprocessing\x18\t \x01(\t\x12\x19\n\x11replica_endpoints\x18\n \x03(\t\x12\x16\n\x0e\x63\x61\x63hes_targets\x18\x0b \x01(\x08\x12,\n\ttokenizer\x18\x0c \x01(\x0b\x32\x19.kdserve.v1.TokenizerInfo\"\x83\x01\n\rTokenizerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x0f\n\x07pooling\x18\x05 \x01(\t\x12\x16\n\x0emax_text_bytes\x18\x06 \x01(\x03\"0\n\x0eLayerSelection\x12\x0e\n\x06module\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\x05\"\xe9\x01\n\nTargetSpec\x12*\n\x06hidden\x18\x01 \x03(\x0b\x32\x1a.kdserve.v1.LayerSelection\x12\x18\n\x10hidden_reduction\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x61ta2vec_eps\x18\x03 \x01(\x02\x12-\n\tattention\x18\x04 \x03(\x0b\x32\x1a.kdserve.v1.LayerSelection\x12\x1b\n\x13\x61ttention_reduction\x18\x05 \x01(\t\x12\x0e\n\x06logits\x18\x06 \x01(\x08\x12\x14\n\x0clogits_top_k\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\"\x84\x02\n\x0eTargetsRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x36\n\x06inputs\x18\x02 \x03(\x0b\x32&.kdserve.v1.TargetsRequest.InputsEntry\x12\x13\n\x0bsample_keys\x18\x03 \x03(\t\x12$\n\x04spec\x18\x04 \x01(\x0b\x32\x16.kdserve.v1.TargetSpec\x12\r\n\x05texts\x18\x05 \x03(\x0c\x12\x16\n\x0etext_tokenizer\x18\x06 \x01(\t\x1a\x41\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.kdserve.v1.Tensor:\x02\x38\x01\"^\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x16\n\x0e\x62\x61tch_requests\x18\x03 \x01(\x05\x12\x15\n\rbatch_samples\x18\x04 \x01(\x05\"\x85\x02\n\x0cTargetsReply\x12\x36\n\x07outputs\x18\x01 \x03(\x0b\x32%.kdserve.v1.TargetsReply.OutputsEntry\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12$\n\x07timings\x18\x03 \x01(\x0b\x32\x13.kdserve.v1.Timings\x12\x13\n\x0bsample_keys\x18\x04 \x03(\t\x12\x15\n\rsample_offset\x18\x05 \x01(\x05\x12\x12\n\nnum_chunks\x18\x06 \x01(\x05\x1a\x42\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.kdserve.v1.Tensor:\x02\x38\x01\x32\xdf\x01\n\x0eTeacherService\x12@\n\x08\x44\x65scribe\x12\x1b.kdserve.v1.DescribeRequest\x1a\x17.kdserve.v1.TeacherInfo\x12\x42\n\nGetTargets\x12\x1a.kdserve.v1.TargetsRequest\x1a\x18.kdserve.v1.TargetsReply\x12G\n\rStreamTargets\x12\x1a.kdserve.v1.TargetsRequest\x1a\x18.kdserve.v1.TargetsReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,21 +44,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INPUTINFO']._serialized_start=258
   _globals['_INPUTINFO']._serialized_end=344
   _globals['_TEACHERINFO']._serialized_start=347
-  _globals['_TEACHERINFO']._serialized_end=601
-  _globals['_LAYERSELECTION']._serialized_start=603
-  _globals['_LAYERSELECTION']._serialized_end=651
-  _globals['_TARGETSPEC']._serialized_start=654
-  _globals['_TARGETSPEC']._serialized_end=887
-  _globals['_TARGETSREQUEST']._serialized_start=890
-  _globals['_TARGETSREQUEST']._serialized_end=1111
-  _globals['_TARGETSREQUEST_INPUTSENTRY']._serialized_start=1046
-  _globals['_TARGETSREQUEST_INPUTSENTRY']._serialized_end=1111
-  _globals['_TIMINGS']._serialized_start=1113
-  _globals['_TIMINGS']._serialized_end=1207
-  _globals['_TARGETSREPLY']._serialized_start=1210
-  _globals['_TARGETSREPLY']._serialized_end=1471
-  _globals['_TARGETSREPLY_OUTPUTSENTRY']._serialized_start=1405
-  _globals['_TARGETSREPLY_OUTPUTSENTRY']._serialized_end=1471
-  _globals['_TEACHERSERVICE']._serialized_start=1474
-  _globals['_TEACHERSERVICE']._serialized_end=1697
+  _globals['_TEACHERINFO']._serialized_end=698
+  _globals['_TOKENIZERINFO']._serialized_start=701
+  _globals['_TOKENIZERINFO']._serialized_end=832
+  _globals['_LAYERSELECTION']._serialized_start=834
+  _globals['_LAYERSELECTION']._serialized_end=882
+  _globals['_TARGETSPEC']._serialized_start=885
+  _globals['_TARGETSPEC']._serialized_end=1118
+  _globals['_TARGETSREQUEST']._serialized_start=1121
+  _globals['_TARGETSREQUEST']._serialized_end=1381
+  _globals['_TARGETSREQUEST_INPUTSENTRY']._serialized_start=1316
+  _globals['_TARGETSREQUEST_INPUTSENTRY']._serialized_end=1381
+  _globals['_TIMINGS']._serialized_start=1383
+  _globals['_TIMINGS']._serialized_end=1477
+  _globals['_TARGETSREPLY']._serialized_start=1480
+  _globals['_TARGETSREPLY']._serialized_end=1741
+  _globals['_TARGETSREPLY_OUTPUTSENTRY']._serialized_start=1675
+  _globals['_TARGETSREPLY_OUTPUTSENTRY']._serialized_end=1741
+  _globals['_TEACHERSERVICE']._serialized_start=1744
+  _globals['_TEACHERSERVICE']._serialized_end=1967
 # @@protoc_insertion_point(module_scope)

@@ -53,7 +53,7 @@ class InputInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., required: _Optional[bool] = ..., doc: _Optional[str] = ...) -> None: ...
 
 class TeacherInfo(_message.Message):
-    __slots__ = ("model_name", "fingerprint", "modules", "inputs", "max_batch_size", "num_classes", "max_request_bytes", "max_reply_bytes", "preprocessing")
+    __slots__ = ("model_name", "fingerprint", "modules", "inputs", "max_batch_size", "num_classes", "max_request_bytes", "max_reply_bytes", "preprocessing", "replica_endpoints", "caches_targets", "tokenizer")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODULES_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,9 @@ class TeacherInfo(_message.Message):
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    CACHES_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     fingerprint: str
     modules: _containers.RepeatedCompositeFieldContainer[ModuleInfo]
@@ -72,7 +75,26 @@ class TeacherInfo(_message.Message):
     max_request_bytes: int
     max_reply_bytes: int
     preprocessing: str
-    def __init__(self, model_name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., modules: _Optional[_Iterable[_Union[ModuleInfo, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[InputInfo, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., num_classes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_reply_bytes: _Optional[int] = ..., preprocessing: _Optional[str] = ...) -> None: ...
+    replica_endpoints: _containers.RepeatedScalarFieldContainer[str]
+    caches_targets: bool
+    tokenizer: TokenizerInfo
+    def __init__(self, model_name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., modules: _Optional[_Iterable[_Union[ModuleInfo, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[InputInfo, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., num_classes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_reply_bytes: _Optional[int] = ..., preprocessing: _Optional[str] = ..., replica_endpoints: _Optional[_Iterable[str]] = ..., caches_targets: _Optional[bool] = ..., tokenizer: _Optional[_Union[TokenizerInfo, _Mapping]] = ...) -> None: ...
+
+class TokenizerInfo(_message.Message):
+    __slots__ = ("name", "vocab_size", "fingerprint", "max_tokens", "pooling", "max_text_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    vocab_size: int
+    fingerprint: str
+    max_tokens: int
+    pooling: str
+    max_text_bytes: int
+    def __init__(self, name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., fingerprint: _Optional[str] = ..., max_tokens: _Optional[int] = ..., pooling: _Optional[str] = ..., max_text_bytes: _Optional[int] = ...) -> None: ...
 
 class LayerSelection(_message.Message):
     __slots__ = ("module", "layers")
@@ -103,7 +125,7 @@ class TargetSpec(_message.Message):
     def __init__(self, hidden: _Optional[_Iterable[_Union[LayerSelection, _Mapping]]] = ..., hidden_reduction: _Optional[str] = ..., data2vec_eps: _Optional[float] = ..., attention: _Optional[_Iterable[_Union[LayerSelection, _Mapping]]] = ..., attention_reduction: _Optional[str] = ..., logits: _Optional[bool] = ..., logits_top_k: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class TargetsRequest(_message.Message):
-    __slots__ = ("experiment_id", "inputs", "sample_keys", "spec")
+    __slots__ = ("experiment_id", "inputs", "sample_keys", "spec", "texts", "text_tokenizer")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -115,11 +137,15 @@ class TargetsRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_KEYS_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     experiment_id: str
     inputs: _containers.MessageMap[str, Tensor]
     sample_keys: _containers.RepeatedScalarFieldContainer[str]
     spec: TargetSpec
-    def __init__(self, experiment_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., sample_keys: _Optional[_Iterable[str]] = ..., spec: _Optional[_Union[TargetSpec, _Mapping]] = ...) -> None: ...
+    texts: _containers.RepeatedScalarFieldContainer[bytes]
+    text_tokenizer: str
+    def __init__(self, experiment_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., sample_keys: _Optional[_Iterable[str]] = ..., spec: _Optional[_Union[TargetSpec, _Mapping]] = ..., texts: _Optional[_Iterable[bytes]] = ..., text_tokenizer: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "compute_ms", "batch_requests", "batch_samples")

@@ -1,10 +1,12 @@
-"""Knowledge-distillation losses (docs/methods.md sections 1-6), pure functions of tensors.
+"""Knowledge-distillation losses (docs/methods.md#response-based-kd to #layer-maps), pure functions of tensors.
 
 Importing this package registers, in ``kdserve.registry``, every choice a job config names:
 ``logits_loss`` (kl, soft_ce, mse; ``logits_loss_topk``: kl), ``attention_loss`` (per_head,
 head_mean), ``feature_distance`` (mse, l1, cosine) and ``layer_map`` (uniform, last, explicit,
 all-average). The Distiller looks its terms up there by name, so a new loss is one function plus
 one ``@register`` line, and configs accept exactly the registered names.
+
+``student_workers.losses.distiller.Distiller`` (not imported here) combines them into a job's objective.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Attention-map distillation (methods.md section 4).
+"""Attention-map distillation (docs/methods.md#attention-maps).
 
 Maps are post-softmax attention probabilities, (B, H, T, T) per layer: row i of head h is the
 distribution of query token i over the keys. Two forms:

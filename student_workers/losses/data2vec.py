@@ -1,4 +1,4 @@
-"""Student side of the contextualised-target loss of Data2Vec (Baevski et al. 2022; methods.md sec. 3).
+"""Student side of the contextualised-target loss of Data2Vec (Baevski et al. 2022; docs/methods.md#data2vec-targets).
 
 The teacher server sends Y_t = LayerNorm(mean_l InstanceNorm(H_t^l)) over all teacher layers.
 The student builds Y_s the same way from all of its own layers with the very same function,

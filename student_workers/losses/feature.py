@@ -1,4 +1,4 @@
-"""Feature-based distillation: regress teacher activations (methods.md section 2).
+"""Feature-based distillation: regress teacher activations (docs/methods.md#feature-based-kd).
 
 The student regresses hidden states of the teacher (FitNets, Romero et al. 2015; TinyBERT's
 hidden-state loss, DistillVLM eq. 5) with MSE, L1 or cosine distance. When the hidden sizes

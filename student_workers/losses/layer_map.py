@@ -1,4 +1,4 @@
-"""Layer maps: which student layer learns from which teacher layer (methods.md section 6).
+"""Layer maps: which student layer learns from which teacher layer (docs/methods.md#layer-maps).
 
 Layers are 1-based block indices: layer k is the output of the k-th transformer block (index 0
 of a HuggingFace ``hidden_states`` tuple, the embeddings, is not a layer here). A map is a list

@@ -1,6 +1,6 @@
 """Token-wise NCE hidden-state loss with a teacher sample queue (DistillVLM, Fang et al. 2021).
 
-methods.md section 5. The positive of a student token embedding (after the projection phi) is
+docs/methods.md#token-wise-nce. The positive of a student token embedding (after the projection phi) is
 the teacher embedding of the same token of the same sample; the negatives are K teacher token
 embeddings kept in a FIFO queue (DistillVLM eq. 6, following CoDIR / MoCo / SEED). The teacher
 is frozen, so the queued embeddings stay consistent without a momentum encoder.

@@ -2,7 +2,7 @@
 
 Methods: Hinton, Vinyals & Dean 2015 ("Distilling the Knowledge in a Neural Network") for the
 temperature-softened KL and the hard-label mixture; Fang et al. 2021 (DistillVLM) eq. 7 for the
-soft cross-entropy used in fine-tuning distillation. See docs/methods.md section 1.
+soft cross-entropy used in fine-tuning distillation. See docs/methods.md#response-based-kd.
 
 Every function takes logits of shape (..., C): (B, C) for classification, (B, T, C) for per-token
 heads. An optional ``mask`` of shape (...) (1 = real position) drops padded positions from the

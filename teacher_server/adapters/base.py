@@ -32,6 +32,8 @@ class TeacherAdapter(abc.ABC):
     inputs: list[InputInfo]
     num_classes: int = 0
     preprocessing: dict
+    # The tokenizer applied to raw texts (TargetsRequest.texts), a hf_text.TextTokenizer; None: no texts.
+    text = None
 
     @abc.abstractmethod
     def forward(

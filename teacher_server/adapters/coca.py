@@ -1,7 +1,7 @@
 """CoCa-style vision-language teachers (kdmodels.coca) with three modules.
 
 ``coca:<checkpoint.pt>`` (pretrained=true): a file written by
-``kdmodels.coca.save_checkpoint`` (e.g. ``python -m student_workers.train_vlm_teacher``).
+``kdmodels.coca.save_checkpoint`` (e.g. ``python -m student_workers.models.train_vlm_teacher``).
 ``coca`` / ``coca:tiny`` with pretrained=false: random init from the defaults / the TINY preset,
 ``model_kwargs`` overriding CoCaConfig fields.
 

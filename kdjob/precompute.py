@@ -1,0 +1,220 @@
+"""Fill a job's target store before the job: ``kdserve-precompute --config job.yaml``.
+
+    kdserve-precompute --config configs/quickstart_store.yaml            # what that job will request
+    kdserve-precompute --config job.yaml --epochs 3                        # 3 whole passes instead
+    python -m kdjob.precompute --config job.yaml --set teacher.store=s3://bucket/targets
+
+Requests exactly what the job's workers will: each of ``train.num_workers`` ranks' batches (the same
+seed, data order, sharding and views: ``student_workers.train.batches``) for ``train.steps`` steps
+(``--epochs N``: N passes over each rank's shard), under the job's target spec. The teacher runs at
+its best batch (``max_batch_size``, or ``--batch``), rows of several requests in one forward: in this
+process (``teacher.local``, its ``TeacherEngine``) when ``teacher.address`` is empty, else through
+that served teacher. Keys the store holds already are skipped, so an interrupted run resumes where
+it stopped (the store commits a shard every ``--shard-mb``), and a sample seen in several epochs is
+computed once. The store's manifest keeps the teacher's Describe: a job in store mode ``read`` needs
+nothing else of the teacher.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import sys
+from collections import deque
+from typing import Callable, Iterator
+
+import torch
+
+from kdserve.errors import one_line
+
+Run = Callable[[dict], "concurrent.futures.Future[dict]"]  # a batch's inputs -> Future of its targets
+
+
+def requests(cfg, info, epochs: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The teacher inputs of every request the job's workers send, rank after rank, step after step."""
+    from student_workers.data.build import build_dataset
+    from student_workers.data.shard import shard
+    from student_workers.train.batches import batches, teacher_inputs
+    from student_workers.train.teacher import image_size
+
+    world, size = cfg.train.num_workers, image_size(info)
+    for rank in range(world):
+        steps = cfg.train.steps
+        if epochs is not None:
+            n = len(shard(build_dataset(cfg.data.dataset, **cfg.data.kwargs), rank, world, even=True))
+            steps = epochs * (n // cfg.data.batch_size)
+        it = batches(cfg, rank, world)
+        for _ in range(steps):
+            yield teacher_inputs(next(it), size)
+
+
+def in_process_teacher(cfg, threads: int = 1) -> tuple[object, Callable[[object], Run]]:
+    """(TeacherInfo, spec -> run) of ``teacher.local`` loaded here; ``run`` calls its engine on a
+    thread, so the store's writes overlap the next forward. Targets as a client would decode them."""
+    from kdserve import codec
+    from teacher_server.engine import Quantized, TeacherEngine, Work
+    from teacher_server.service import TeacherService
+    from teacher_server.spec import resolve_spec
+
+    engine = TeacherEngine.from_config(cfg.teacher.local)
+    info = TeacherService(engine, cfg.teacher.local).describe()
+    pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kdserve-precompute")
+
+    def forward(inputs: dict, spec) -> dict:
+        (out,), _ = engine.run([Work(inputs, spec)])
+        return {k: codec.decode(codec.encode(v.q, v.scales)) if isinstance(v, Quantized) else v for k, v in out.items()}
+
+    def for_spec(spec_pb) -> Run:
+        spec = resolve_spec(spec_pb, engine.modules, engine.num_classes)
+        return lambda inputs: pool.submit(forward, inputs, spec)
+
+    return info, for_spec
+
+
+def served_teacher(cfg) -> tuple[object, Callable[[object], Run]]:
+    """(TeacherInfo, spec -> run) of the teacher at ``teacher.address``."""
+    from student_workers.train.teacher import teacher_client
+
+    client = teacher_client(cfg, cfg.teacher.address, f"{cfg.run.name}-precompute")
+    return client.describe(), lambda spec: (lambda inputs: client.submit(inputs, spec))
+
+
+class Pending:
+    """Rows waiting for a forward, by input shapes (rows stack only with their own kind)."""
+
+    def __init__(self):
+        self.groups: dict[tuple, tuple[list[str], list[dict]]] = {}
+
+    def add(self, key: str, row: dict[str, torch.Tensor]) -> tuple:
+        sig = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(row.items()))
+        keys, rows = self.groups.setdefault(sig, ([], []))
+        keys.append(key)
+        rows.append(row)
+        return sig
+
+    def take(self, sig: tuple) -> tuple[list[str], dict[str, torch.Tensor]]:
+        keys, rows = self.groups.pop(sig)
+        return keys, {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def __len__(self) -> int:
+        return sum(len(k) for k, _ in self.groups.values())
+
+
+def fill(store, run: Run, spec, fingerprint: str, reqs, batch: int, depth: int = 2, bar=None) -> dict:
+    """Compute every row of ``reqs`` the store lacks, ``batch`` rows per forward, ``depth`` forwards
+    in flight; put each answer into the store. Returns counts (samples seen, computed, skipped)."""
+    from kdserve.store import sample_keys, spec_repr
+    from student_workers.train.store import split_rows
+
+    text, pending, queued = spec_repr(spec), Pending(), set()
+    inflight: deque = deque()
+    counts = {"samples": 0, "computed": 0, "stored_before": 0}
+
+    def drain(n: int) -> None:
+        while len(inflight) > n:
+            keys, fut = inflight.popleft()
+            store.put(keys, split_rows(fut.result(), len(keys)))
+            counts["computed"] += len(keys)
+            if bar is not None:
+                bar.update(len(keys))
+
+    def launch(sig: tuple) -> None:
+        keys, inputs = pending.take(sig)
+        inflight.append((keys, run(inputs)))
+        drain(depth)
+
+    for inputs in reqs:
+        keys = sample_keys(inputs, text, fingerprint)
+        counts["samples"] += len(keys)
+        todo = set(store.missing(keys)) - queued
+        skipped = 0
+        for i, k in enumerate(keys):
+            if k not in todo:
+                skipped += 1
+                continue
+            todo.discard(k)  # a key twice in one batch: once
+            queued.add(k)
+            sig = pending.add(k, {n: t[i] for n, t in inputs.items()})
+            if len(pending.groups[sig][0]) >= batch:
+                launch(sig)
+        counts["stored_before"] += skipped
+        if bar is not None and skipped:
+            bar.update(skipped)
+    for sig in list(pending.groups):
+        launch(sig)
+    drain(0)
+    store.flush()
+    return counts
+
+
+def progress(total: int, quiet: bool = False):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the venv
+        return None
+    return tqdm(total=total, unit="sample", desc="precompute", disable=quiet, mininterval=1.0)
+
+
+def precompute(cfg, epochs: int | None = None, batch: int | None = None, shard_mb: float = 64,
+               quiet: bool = False) -> dict:
+    """Fill ``cfg.teacher.store`` with the targets of the job ``cfg`` (see the module docstring)."""
+    from kdserve.config import ConfigError
+    from student_workers.train.check import check_student_side
+    from student_workers.train.store import open_job_store
+
+    if not cfg.teacher.store:
+        raise ConfigError("teacher.store: precompute fills a target store: name its URI (--set teacher.store=DIR)")
+    info, for_spec = served_teacher(cfg) if cfg.teacher.address else in_process_teacher(cfg)
+    spec = check_student_side(cfg, info).target_spec(cfg.teacher.target_dtype)
+    store = open_job_store(cfg, info, spec, mode="write", shard_bytes=max(1, int(shard_mb * (1 << 20))))
+    per_rank = cfg.train.steps if epochs is None else None
+    total = per_rank * cfg.train.num_workers * cfg.data.batch_size if per_rank else None
+    bar = progress(total, quiet)
+    try:
+        counts = fill(store, for_spec(spec), spec, info.fingerprint, requests(cfg, info, epochs),
+                      batch or info.max_batch_size or 64, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return {**counts, "keys_in_store": len(store), "store": store.uri, "fingerprint": info.fingerprint}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kdserve-precompute", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="the job's YAML (its teacher.store is filled)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. teacher.store=DIR")
+    p.add_argument("--epochs", type=int, default=None, help="N whole passes over each rank's shard instead of train.steps")
+    p.add_argument("--batch", type=int, default=None, help="samples per forward (default: the teacher's max_batch_size)")
+    p.add_argument("--shard-mb", type=float, default=64, help="commit a shard every this many MB (what a kill loses)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from kdserve.config import ConfigError, load
+    from kdserve.store import StoreError
+    from student_workers.train.job_config import JobConfig
+
+    args = parse_args(argv)
+    try:
+        if args.epochs is not None and args.epochs < 1:
+            raise ConfigError("--epochs: at least 1")
+        cfg = load(JobConfig, args.config, args.set)
+        out = precompute(cfg, args.epochs, args.batch, args.shard_mb, args.quiet)
+    except (ConfigError, StoreError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # the served teacher is not reachable
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+    print(f"precomputed {out['computed']} targets ({out['stored_before']} of {out['samples']} requested samples were "
+          f"stored already or repeated); {out['keys_in_store']} keys in {out['store']} (teacher {out['fingerprint']})")
+    return 0
+
+
+def cli() -> None:
+    """Console entry point ``kdserve-precompute``."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,46 @@
+"""A comparison's scores summarised: mean +- std per variant and metric, as a table and a verdict
+against the no-KD baseline."""
+from __future__ import annotations
+
+import statistics
+
+METRICS = ("accuracy", "recall@1", "recall@5", "top1_agreement")
+
+
+def summarize(rows) -> dict[str, dict[str, dict[str, float]]]:
+    """rows: [(variant, seed, scores)] -> {variant: {metric: {mean, std, n}}} (std: ddof=1, 0 for one run)."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for name in dict.fromkeys(r[0] for r in rows):
+        per = {}
+        for m in METRICS:
+            xs = [s[m] for v, _, s in rows if v == name and s.get(m) is not None]
+            if xs:
+                per[m] = {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+                          "n": len(xs)}
+        table[name] = per
+    return table
+
+
+def format_table(table, split: str) -> str:
+    """Markdown table of mean +- std per variant and metric ('-' where a variant has no value)."""
+    head = f"| student ({split}) | " + " | ".join(METRICS) + " |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 1)]
+    for name, per in table.items():
+        cells = [f"{per[m]['mean']:.3f} ± {per[m]['std']:.3f}" if m in per else "-" for m in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(table, metric: str = "accuracy") -> str:
+    """Whether a distilled variant beats no-KD on the mean by more than one std (the larger of the two)."""
+    if "no-kd" not in table or metric not in table["no-kd"]:
+        return "no no-KD baseline"
+    base = table["no-kd"][metric]
+    lines = []
+    for name in (v for v in table if v != "no-kd" and metric in table[v]):
+        s = table[name][metric]
+        gap = s["mean"] - base["mean"]
+        margin = max(s["std"], base["std"])
+        lines.append(f"{name} - no-kd {metric}: {gap:+.3f} (1 std = {margin:.3f}): "
+                     + ("beats no-KD by > 1 std" if gap > margin else "does NOT beat no-KD by > 1 std"))
+    return "\n".join(lines)

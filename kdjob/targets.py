@@ -1,0 +1,42 @@
+"""A job's target store, on the driver: what a read-mode job knows of its teacher (the store's
+manifest), and the store checked against the job's teacher and spec before any cluster starts."""
+from __future__ import annotations
+
+from kdserve.errors import one_line
+
+
+def store_info(cfg):
+    """The teacher's Describe as the store's manifest keeps it; ConfigError (one line naming
+    ``teacher.store``) when there is no store or it does not describe its teacher."""
+    from kdserve.config import ConfigError
+    from kdserve.store import StoreError
+    from student_workers.train.store import info_from_manifest, read_manifest
+
+    try:
+        return info_from_manifest(read_manifest(cfg), cfg.teacher.store)
+    except (StoreError, OSError, ValueError) as e:
+        raise ConfigError(f"teacher.store: {one_line(e)}") from None
+
+
+def check_store(cfg, info, spec) -> None:
+    """``StoreMismatch`` as a ConfigError when ``teacher.store`` exists and holds another teacher's or
+    spec's targets. Without a fingerprint (the embedded teacher before it is loaded) only the spec
+    is compared; the workers compare both when they open the store."""
+    from kdserve.config import ConfigError
+    from kdserve.store import StoreError, StoreMissing, spec_repr
+    from kdserve.store.manifest import Manifest
+    from student_workers.train.store import read_manifest
+
+    if cfg.teacher.store is None:
+        return
+    try:
+        stored = read_manifest(cfg)
+    except StoreMissing:
+        return  # read_through / write create it
+    except (StoreError, OSError, ValueError) as e:
+        raise ConfigError(f"teacher.store: {one_line(e)}") from None
+    wanted = Manifest(info.fingerprint or stored.fingerprint, spec_repr(spec))
+    try:
+        stored.check(wanted, cfg.teacher.store)
+    except StoreError as e:
+        raise ConfigError(f"teacher.store: {one_line(e)}") from None

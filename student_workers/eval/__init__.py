@@ -1,0 +1,1 @@
+"""Scoring students: agreement with the teacher, image linear probes, text downstream tasks."""

@@ -1,0 +1,154 @@
+"""Labelled WordNet tasks for judging a text encoder after distillation (docs/methods.md#downstream-evaluation).
+
+Both tasks come from Debian's wordnet-base (``/usr/share/wordnet/data.*``), offline:
+
+- reverse dictionary: a synset's definition is the query, its headword (first lemma) the answer,
+  retrieved among ``num_candidates`` distinct headwords;
+- lexname classification: definition -> lexicographer file (45 classes, e.g. ``noun.animal``).
+
+Held-out rule: distillation on the ``wordnet`` dataset trains on every gloss fragment whose CRC32
+falls outside the held-out slice (:func:`student_workers.data.text.split_sentences`). A synset is
+*held out* here when every definition fragment of it is held out by that same rule, so the
+distilled student never saw the text it is tested on. Probe and finetune TRAINING sets come from
+the other synsets: distillation saw their text but never a label, which is the usual linear-probe
+protocol (features learned without labels, classifier fit on labelled train data, scored on data
+unseen by both).
+"""
+from __future__ import annotations
+
+import re
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from student_workers.data.text import WORDNET_DIR, WORDNET_PARTS, gloss_sentences
+
+# WordNet 3.0 lexicographer files, by the 2-digit number each data line carries (lexnames(5WN)).
+LEXNAMES = (
+    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
+    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling",
+    "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person",
+    "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity", "noun.relation",
+    "noun.shape", "noun.state", "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition",
+    "verb.communication", "verb.competition", "verb.consumption", "verb.contact", "verb.creation",
+    "verb.emotion", "verb.motion", "verb.perception", "verb.possession", "verb.social", "verb.stative",
+    "verb.weather", "adj.ppl",
+)
+_ADJ_MARKER = re.compile(r"\((a|p|ip)\)$")  # data.adj lemmas may end in a syntactic marker
+
+
+@dataclass(frozen=True)
+class Synset:
+    offset: str
+    pos: str
+    lexfile: int  # index into LEXNAMES
+    lemmas: tuple[str, ...]  # readable: underscores -> spaces, adjective markers dropped
+    definition: str  # definition fragments joined by "; " (usage examples left out)
+    held_out: bool
+
+    @property
+    def headword(self) -> str:
+        return self.lemmas[0]
+
+
+def is_held_out(text: str, fraction: float) -> bool:
+    """The rule of :func:`student_workers.data.text.split_sentences`, for one text."""
+    return zlib.crc32(text.encode("utf-8")) < fraction * 2**32
+
+
+def parse_synset_line(line: str, held_out_fraction: float, min_words: int = 2) -> Synset | None:
+    """One ``data.<pos>`` line -> Synset; None for license lines and glosses without a definition."""
+    if line.startswith("  ") or " | " not in line:
+        return None
+    head, gloss = line.split(" | ", 1)
+    f = head.split()
+    offset, lexfile, pos, n = f[0], int(f[1]), f[2], int(f[3], 16)
+    lemmas = tuple(_ADJ_MARKER.sub("", f[4 + 2 * i]).replace("_", " ") for i in range(n))
+    parts = gloss_sentences(gloss.strip(), include=("definitions",))
+    if not parts:
+        return None
+    # Fragments shorter than min_words never reach distillation, so they cannot leak.
+    trained_on = [p for p in parts if len(p.split()) >= min_words]
+    held = all(is_held_out(p, held_out_fraction) for p in trained_on)
+    return Synset(offset, pos, lexfile, lemmas, "; ".join(parts), held)
+
+
+def read_synsets(
+    held_out_fraction: float = 0.05, root: str | Path = WORDNET_DIR, parts: Sequence[str] = WORDNET_PARTS
+) -> list[Synset]:
+    """Every synset of the given parts of speech, in file order."""
+    out = []
+    for p in parts:
+        path = Path(root) / f"data.{p}"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} missing: apt-get install wordnet-base, or pass root=")
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            out += [s for s in (parse_synset_line(l, held_out_fraction) for l in fh) if s is not None]
+    return out
+
+
+def mentions(text: str, word: str) -> bool:
+    """Whole-word, case-insensitive: does the definition give its own answer away?"""
+    return re.search(rf"(?<![\w-]){re.escape(word.lower())}(?![\w-])", text.lower()) is not None
+
+
+@dataclass
+class ReverseDictionary:
+    queries: list[str]  # definitions
+    candidates: list[str]  # distinct headwords
+    gold: np.ndarray  # (Q,) index into candidates
+
+
+def reverse_dictionary(synsets: Sequence[Synset], num_candidates: int, max_queries: int, seed: int) -> ReverseDictionary:
+    """Queries: held-out synsets whose definition is their own and does not contain their headword (sampled with
+    ``seed``, at most ``max_queries``, at most ``num_candidates`` distinct answers). Candidates: the
+    answers, filled up to ``num_candidates`` with headwords of other synsets drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    uses = Counter(s.definition for s in synsets)  # a definition shared by synsets has no single answer
+    pool = [s for s in synsets if s.held_out and uses[s.definition] == 1 and not mentions(s.definition, s.headword)]
+    order = rng.permutation(len(pool))
+    queries, answers = [], {}
+    for i in order:
+        s = pool[i]
+        if len(queries) >= max_queries:
+            break
+        if s.headword not in answers and len(answers) >= num_candidates:
+            continue
+        answers.setdefault(s.headword, len(answers))
+        queries.append(s)
+    others = sorted({s.headword for s in synsets} - answers.keys())
+    fill = rng.choice(len(others), size=min(len(others), num_candidates - len(answers)), replace=False)
+    candidates = list(answers) + [others[i] for i in sorted(fill)]
+    gold = np.array([answers[s.headword] for s in queries], dtype=np.int64)
+    return ReverseDictionary([s.definition for s in queries], candidates, gold)
+
+
+@dataclass
+class Classification:
+    train_texts: list[str]
+    train_labels: np.ndarray  # (N_train,) lexfile index
+    test_texts: list[str]
+    test_labels: np.ndarray  # (N_test,)
+    num_classes: int = len(LEXNAMES)
+
+
+def lexname_task(synsets: Sequence[Synset], train_size: int, test_size: int, seed: int) -> Classification:
+    """Definition -> lexicographer file. Test: held-out synsets; train: the others. Each side a
+    seeded sample (everything when it has fewer). Duplicate definitions are kept once per side."""
+    rng = np.random.default_rng(seed)
+
+    def sample(pool: list[Synset], n: int) -> list[Synset]:
+        unique = list({s.definition: s for s in pool}.values())
+        idx = rng.permutation(len(unique))[:n]
+        return [unique[i] for i in sorted(idx)]
+
+    train = sample([s for s in synsets if not s.held_out], train_size)
+    test = sample([s for s in synsets if s.held_out], test_size)
+    return Classification(
+        [s.definition for s in train], np.array([s.lexfile for s in train], dtype=np.int64),
+        [s.definition for s in test], np.array([s.lexfile for s in test], dtype=np.int64),
+    )

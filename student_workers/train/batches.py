@@ -1,0 +1,57 @@
+"""A worker's batches: its data shard, collated, and the views of a batch the student and the
+teacher get."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from student_workers.client.prefetch import align_images
+from student_workers.data.build import build_dataset
+from student_workers.data.shard import shard
+from student_workers.data.text import collate_text
+from student_workers.train.job_config import JobConfig
+
+
+def batches(cfg: JobConfig, rank: int, world: int, epoch0: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches of this worker's shard, one epoch after another."""
+    ds = shard(build_dataset(cfg.data.dataset, **cfg.data.kwargs), rank, world, even=True)
+    collate = make_collate(cfg)
+    epoch = epoch0
+    while True:
+        if hasattr(ds, "set_epoch"):
+            ds.set_epoch(epoch)
+        g = torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch * 10 + rank)
+        loader = DataLoader(ds, batch_size=cfg.data.batch_size, shuffle=True, generator=g, drop_last=True,
+                            collate_fn=collate, num_workers=0)
+        yield from loader
+        epoch += 1
+
+
+def make_collate(cfg: JobConfig):
+    """Text datasets are tokenized with the TEACHER's tokenizer; image-caption datasets give both."""
+    if cfg.data.dataset == "emoji":
+        from student_workers.data.emoji import collate_image_text
+
+        return collate_image_text(cfg.data.tokenizer, cfg.data.max_length)
+    if cfg.student.kind == "hf_text":
+        return collate_text(cfg.data.tokenizer, cfg.data.max_length)
+    return None
+
+
+def teacher_inputs(batch: dict, teacher_image_size: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+    """Exactly the view and tokens the student trains on (images resized to the teacher's size
+    when they differ): DistillVLM's input alignment."""
+    out = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    if "pixel_values" in batch and teacher_image_size is not None:
+        out["pixel_values"] = align_images(batch["pixel_values"], teacher_image_size)
+    return out
+
+
+def student_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k in ("pixel_values", "input_ids", "attention_mask")}
+
+
+def batch_labels(batch: dict) -> torch.Tensor | None:
+    return batch.get("labels", batch.get("label"))

@@ -64,6 +64,19 @@ class _Patched:
         return getattr(self._real, name)
 
 
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request, monkeypatch):
+    """``-m unit`` is the fast loop: a test marked unit that starts a process fails here, naming it."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    import subprocess
+
+    def refuse(self, args, *a, **kw):
+        raise AssertionError(f"a unit test started a process ({args!r}): drop its unit mark")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
+
 @pytest.fixture
 def client_clock(monkeypatch) -> ClientClock:
     """A ``ClientClock`` installed in ``student_workers.client.async_client`` for the duration of the test."""

@@ -377,7 +377,6 @@ def test_addresses():
         connect("grpc://host")
 
 
-@pytest.mark.unit
 def test_a_scheme_loads_its_transport_where_nothing_imported_it():
     """A Ray Train worker imports the client and nothing else: the address's scheme alone must
     bring in its transport."""

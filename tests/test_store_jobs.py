@@ -194,7 +194,6 @@ def index_keys(store: Path) -> list[str]:
     return [k for f in (store / "index").glob("*.json") for k in json.loads(f.read_text())["entries"]]
 
 
-@unit
 def test_precompute_resumes_after_sigkill(tmp_path):
     from kdjob.precompute import requests
 

@@ -50,9 +50,16 @@ def _libc():
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # glibc's soname first: find_library runs /sbin/ldconfig in a subprocess, on the trim thread
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        except (OSError, TypeError):
+            return None
+    try:
         libc.mallopt, libc.malloc_trim  # noqa: B018  (musl and others have neither)
-    except (OSError, AttributeError):
+    except AttributeError:
         return None
     return libc
 

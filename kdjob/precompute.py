@@ -29,22 +29,26 @@ from kdserve.errors import one_line
 Run = Callable[[dict], "concurrent.futures.Future[dict]"]  # a batch's inputs -> Future of its targets
 
 
-def requests(cfg, info, epochs: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """The teacher inputs of every request the job's workers send, rank after rank, step after step."""
+def requests(cfg, info, epochs: int | None = None) -> Iterator[dict[str, torch.Tensor] | tuple[dict, dict]]:
+    """The teacher inputs of every request the job's workers send, rank after rank, step after step.
+    For augmented image data (``replays_views``) each is ``(inputs, {"view.params": (B, 7)})``: the
+    views' params, stored beside their targets so that a read-mode job can replay the views."""
     from student_workers.data.build import build_dataset
     from student_workers.data.shard import shard
-    from student_workers.train.batches import batches, teacher_inputs
+    from student_workers.data.views import VIEW_PARAMS
+    from student_workers.train.batches import batches, replays_views, teacher_inputs
     from student_workers.train.teacher import image_size
 
-    world, size = cfg.train.num_workers, image_size(info)
+    world, size, views = cfg.train.num_workers, image_size(info), replays_views(cfg)
     for rank in range(world):
         steps = cfg.train.steps
         if epochs is not None:
             n = len(shard(build_dataset(cfg.data.dataset, **cfg.data.kwargs), rank, world, even=True))
             steps = epochs * (n // cfg.data.batch_size)
-        it = batches(cfg, rank, world)
+        it = batches(cfg, rank, world, record_views=views)
         for _ in range(steps):
-            yield teacher_inputs(next(it), size)
+            b = next(it)
+            yield (teacher_inputs(b, size), {VIEW_PARAMS: b[VIEW_PARAMS]}) if views else teacher_inputs(b, size)
 
 
 def in_process_teacher(cfg, threads: int = 1) -> tuple[object, Callable[[object], Run]]:
@@ -83,13 +87,22 @@ class Pending:
 
     def __init__(self):
         self.groups: dict[tuple, tuple[list[str], list[dict]]] = {}
+        self.extras: dict[str, dict[str, torch.Tensor]] = {}  # key -> what is stored beside its targets
 
-    def add(self, key: str, row: dict[str, torch.Tensor]) -> tuple:
+    def add(self, key: str, row: dict[str, torch.Tensor], extra: dict[str, torch.Tensor] | None = None) -> tuple:
         sig = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(row.items()))
         keys, rows = self.groups.setdefault(sig, ([], []))
         keys.append(key)
         rows.append(row)
+        if extra:
+            self.extras[key] = extra
         return sig
+
+    def stored_rows(self, keys: list[str], targets: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """A forward's targets split into rows, each with its extras (e.g. its view's params)."""
+        from student_workers.train.store import split_rows
+
+        return [{**row, **self.extras.pop(k, {})} for k, row in zip(keys, split_rows(targets, len(keys)))]
 
     def take(self, sig: tuple) -> tuple[list[str], dict[str, torch.Tensor]]:
         keys, rows = self.groups.pop(sig)
@@ -101,9 +114,9 @@ class Pending:
 
 def fill(store, run: Run, spec, fingerprint: str, reqs, batch: int, depth: int = 2, bar=None) -> dict:
     """Compute every row of ``reqs`` the store lacks, ``batch`` rows per forward, ``depth`` forwards
-    in flight; put each answer into the store. Returns counts (samples seen, computed, skipped)."""
+    in flight; put each answer into the store. A request is its inputs, or ``(inputs, extras)``:
+    ``extras[name][i]`` is stored beside row i's targets. Returns counts (samples seen, computed, skipped)."""
     from kdserve.store import sample_keys, spec_repr
-    from student_workers.train.store import split_rows
 
     text, pending, queued = spec_repr(spec), Pending(), set()
     inflight: deque = deque()
@@ -112,7 +125,7 @@ def fill(store, run: Run, spec, fingerprint: str, reqs, batch: int, depth: int =
     def drain(n: int) -> None:
         while len(inflight) > n:
             keys, fut = inflight.popleft()
-            store.put(keys, split_rows(fut.result(), len(keys)))
+            store.put(keys, pending.stored_rows(keys, fut.result()))
             counts["computed"] += len(keys)
             if bar is not None:
                 bar.update(len(keys))
@@ -123,6 +136,7 @@ def fill(store, run: Run, spec, fingerprint: str, reqs, batch: int, depth: int =
         drain(depth)
 
     for inputs in reqs:
+        inputs, extras = inputs if isinstance(inputs, tuple) else (inputs, {})
         keys = sample_keys(inputs, text, fingerprint)
         counts["samples"] += len(keys)
         todo = set(store.missing(keys)) - queued
@@ -133,7 +147,7 @@ def fill(store, run: Run, spec, fingerprint: str, reqs, batch: int, depth: int =
                 continue
             todo.discard(k)  # a key twice in one batch: once
             queued.add(k)
-            sig = pending.add(k, {n: t[i] for n, t in inputs.items()})
+            sig = pending.add(k, {n: t[i] for n, t in inputs.items()}, {n: t[i] for n, t in extras.items()})
             if len(pending.groups[sig][0]) >= batch:
                 launch(sig)
         counts["stored_before"] += skipped

@@ -40,3 +40,20 @@ def check_store(cfg, info, spec) -> None:
         stored.check(wanted, cfg.teacher.store)
     except StoreError as e:
         raise ConfigError(f"teacher.store: {one_line(e)}") from None
+
+
+def check_views(cfg) -> None:
+    """A read-mode job on augmented images trains on its store's views: ConfigError (one line naming
+    ``teacher.store`` and ``view.params``) when the store lacks any sample's view params."""
+    from kdserve.config import ConfigError
+    from kdserve.store import StoreError, TargetStore
+    from student_workers.train.batches import replays_views
+    from student_workers.train.stored_views import check_views as check
+
+    if not (cfg.teacher.reads_store_only and replays_views(cfg)):
+        return
+    try:
+        check(TargetStore.open(cfg.teacher.store, "read", storage_options=cfg.teacher.store_options or None),
+              cfg.data.dataset)
+    except (StoreError, OSError, ValueError) as e:
+        raise ConfigError(f"teacher.store: {one_line(e)}") from None

@@ -20,10 +20,11 @@ def check_job(cfg):
     from student_workers.train.check import check_student_side
 
     if cfg.teacher.reads_store_only:  # every target from the store: no teacher is contacted
-        from kdjob.targets import check_store, store_info
+        from kdjob.targets import check_store, check_views, store_info
 
         info = store_info(cfg)
         check_store(cfg, info, check_student_side(cfg, info).target_spec(cfg.teacher.target_dtype))
+        check_views(cfg)
         return info
     if cfg.teacher.address:  # fail fast, before starting a cluster, when the teacher is not there
         from kdserve.config import ConfigError

@@ -152,6 +152,11 @@ class TargetStore:
         with self._lock:
             return sorted(set(self._where) | set(self._buffer))
 
+    def lacking(self, output: str) -> list[str]:
+        """The committed keys whose entry has no output ``output`` (as of the last refresh), sorted."""
+        with self._lock:
+            return sorted(k for k, (_, e) in self._where.items() if all(n != output for n, _, _ in e.outputs))
+
     def stored_bytes(self) -> int:
         """Bytes of the committed shards and their index files, as of the last refresh."""
         with self._lock:

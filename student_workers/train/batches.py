@@ -14,9 +14,14 @@ from student_workers.data.text import collate_text
 from student_workers.train.job_config import JobConfig
 
 
-def batches(cfg: JobConfig, rank: int, world: int, epoch0: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches of this worker's shard, one epoch after another."""
-    ds = shard(build_dataset(cfg.data.dataset, **cfg.data.kwargs), rank, world, even=True)
+def batches(cfg: JobConfig, rank: int, world: int, epoch0: int = 0,
+            record_views: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches of this worker's shard, one epoch after another (``record_views``: an image
+    dataset's batches also carry each view's params, ``view.params`` (B, 7): what precompute stores)."""
+    source = build_dataset(cfg.data.dataset, **cfg.data.kwargs)
+    if record_views:
+        source.record_views = True
+    ds = shard(source, rank, world, even=True)
     collate = make_collate(cfg)
     epoch = epoch0
     while True:
@@ -27,6 +32,17 @@ def batches(cfg: JobConfig, rank: int, world: int, epoch0: int = 0) -> Iterator[
                             collate_fn=collate, num_workers=0)
         yield from loader
         epoch += 1
+
+
+def replays_views(cfg: JobConfig) -> bool:
+    """The job's data are augmented image views (``data.views.RecordedViews``, augmentation on): a
+    store for it keeps each view's params, and a read-mode job trains on the views stored there."""
+    from student_workers.data.views import RecordedViews
+
+    if cfg.data.dataset == "emoji" or cfg.student.kind == "hf_text":  # captions too (make_collate): keyed reads
+        return False
+    ds = build_dataset(cfg.data.dataset, **cfg.data.kwargs)
+    return isinstance(ds, RecordedViews) and bool(getattr(ds, "augment", True))
 
 
 def make_collate(cfg: JobConfig):

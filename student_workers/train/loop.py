@@ -24,6 +24,7 @@ from student_workers.optima.plan import ArmPlan
 from student_workers.optima.rounds import log_round, round_scalars, write_optima_state
 from student_workers.train.batches import batch_labels, batches, student_inputs, teacher_inputs
 from student_workers.train.checkpoint import restore, write_checkpoint
+from student_workers.train.stored_views import view_batches
 from student_workers.train.ddp import ddp_options
 from student_workers.train.faults import FaultDrill
 from student_workers.train.job_config import JobConfig
@@ -92,12 +93,16 @@ def start_worker(config: dict[str, Any]) -> Worker:
 def prefetcher(w: Worker, plan: ArmPlan) -> Prefetcher:
     """The worker's batches with their targets requested ``teacher.prefetch_depth`` steps ahead."""
     cfg, size = w.cfg, image_size(w.info)
-    return Prefetcher(batches(cfg, w.rank, w.world, epoch0=w.start),
-                      lambda b: (teacher_inputs(b, size),
-                                 w.distiller.target_spec(cfg.teacher.target_dtype, plan.arm_for_next())),
-                      w.targets.source(w.distiller.target_spec(cfg.teacher.target_dtype), w.distiller.needs_teacher),
-                      depth=cfg.teacher.prefetch_depth, max_depth=cfg.teacher.prefetch_max_depth,
-                      timeout=w.targets.timeout_s, name=w.targets.name)
+    source = w.targets.source(w.distiller.target_spec(cfg.teacher.target_dtype), w.distiller.needs_teacher)
+    spec = lambda: w.distiller.target_spec(cfg.teacher.target_dtype, plan.arm_for_next())  # noqa: E731
+    if w.targets.views is not None:  # read mode on augmented images: the stored views, with their targets
+        data = view_batches(cfg, w.targets.views, size, w.rank, w.world, epoch0=w.start)
+        request = lambda b: (b.pop("targets"), spec())  # noqa: E731
+    else:
+        data = batches(cfg, w.rank, w.world, epoch0=w.start)
+        request = lambda b: (teacher_inputs(b, size), spec())  # noqa: E731
+    return Prefetcher(data, request, source, depth=cfg.teacher.prefetch_depth,
+                      max_depth=cfg.teacher.prefetch_max_depth, timeout=w.targets.timeout_s, name=w.targets.name)
 
 
 def train_step(w: Worker, model, plan: ArmPlan, pre: Prefetcher, step: int, device) -> tuple[torch.Tensor, dict]:

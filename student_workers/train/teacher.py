@@ -52,6 +52,7 @@ class Targets:
     def __init__(self, cfg: JobConfig, info, client: SyncTeacherClient | None, name: str):
         self.cfg, self.info, self.client, self.name = cfg, info, client, name
         self.submitter = None  # StoreSubmitter when the job has a store
+        self.views = None  # the store whose views the job trains on (read mode, augmented images)
 
     @classmethod
     def open(cls, cfg: JobConfig, address: str | None, auth_ref=None) -> "Targets":
@@ -68,10 +69,17 @@ class Targets:
             return NoTeacher()
         if self.cfg.teacher.store is None:
             return self.client
+        from student_workers.train.batches import replays_views
         from student_workers.train.store import StoreSubmitter, open_job_store
 
         t = self.cfg.teacher
         store = open_job_store(self.cfg, self.info, spec)
+        if t.store_mode == "read" and replays_views(self.cfg):  # the batches carry their targets
+            from student_workers.train.stored_views import BatchTargets, check_views
+
+            check_views(store, self.cfg.data.dataset)
+            self.views = store
+            return BatchTargets()
         self.submitter = StoreSubmitter(store, self.info.fingerprint, self.client, t.store_mode,
                                         threads=max(1, t.prefetch_depth), name=t.store)
         return self.submitter

@@ -86,6 +86,25 @@ def roundtrip(uri: str, so: dict | None = None) -> None:
         assert r.missing(["k000", "nope", "k011"]) == ["nope"]
     idx = json.loads(r.location.read(r.location.index_path("second")))
     assert sorted(idx["entries"]) == keys[5:]  # no duplicate of k003, k004
+    batch_reads(uri, so)
+
+
+def batch_reads(uri: str, so: dict | None = None) -> None:
+    """``get_batch``: the rows of two shards, in any order, stacked by output exactly as torch.stack
+    stacks ``get``'s rows; absent keys reported by position; a writer's unflushed rows included."""
+    keys, rows = [f"b{i:02d}" for i in range(10)], rows_of(10, seed=4)
+    with TargetStore.open(uri, "write", manifest=MAN, storage_options=so) as w:
+        w.put(keys[:6], rows[:6], shard="one")
+        w.put(keys[6:], rows[6:], shard="two")
+        w.put(["buffered"], rows_of(1, seed=5))
+        mixed = w.get_batch(["b07", "buffered", "b01"])
+        assert same(mixed, {n: torch.stack([rows[7][n], rows_of(1, seed=5)[0][n], rows[1][n]]) for n in rows[0]})
+    order = [7, 0, 9, 3, 6, 1]
+    want = {n: torch.stack([rows[i][n] for i in order]) for n in rows[0]}
+    for cache in (1 << 30, 0):
+        r = TargetStore.open(uri, "read", storage_options=so, cache_bytes=cache)
+        assert same(r.get_batch([keys[i] for i in order]), want)
+        assert r.get_batch(["b01", "nope", "b02", "gone"]) == [1, 3]
 
 
 @unit
@@ -156,9 +175,10 @@ def corruption(uri: str, so: dict | None = None) -> None:
     flip_a_data_byte(uri, so, "bad")
     for cache in (1 << 30, 0):
         r = TargetStore.open(uri, "read", storage_options=so, cache_bytes=cache)
-        with pytest.raises(StoreCorrupt) as e:
-            r.get(keys)
-        assert "shards/bad.safetensors" in str(e.value) and "\n" not in str(e.value)
+        for read in (r.get, r.get_batch):
+            with pytest.raises(StoreCorrupt) as e:
+                read(keys)
+            assert "shards/bad.safetensors" in str(e.value) and "\n" not in str(e.value)
     r = TargetStore.open(uri, "read", storage_options=so, cache_bytes=0)
     assert all(same(g, w) for g, w in zip(r.get(keys[:3]), rows))  # untouched entries, range-read, are fine
     r.location.fs.pipe_file(r.location.index_path("worse"), b'{"version": 1, "shard": "wor')
@@ -169,6 +189,31 @@ def corruption(uri: str, so: dict | None = None) -> None:
 @unit
 def test_corrupted_bytes_raise_store_corrupt_never_wrong_targets(tmp_path):
     corruption(str(tmp_path / "s"))
+
+
+@unit
+def test_a_local_shard_is_mapped_not_read_whole_and_each_used_entry_is_checked(tmp_path, monkeypatch):
+    import mmap
+
+    uri = str(tmp_path / "s")
+    keys, rows = [f"m{i}" for i in range(8)], rows_of(8)
+    TargetStore.open(uri, "write", manifest=MAN).put(keys, rows, shard="m")
+    r = TargetStore.open(uri, "read")
+
+    def no_whole_read(*a, **k):
+        raise AssertionError("a local shard was read whole")
+
+    monkeypatch.setattr(r.location, "read", no_whole_read)
+    monkeypatch.setattr(r.location, "read_ranges", no_whole_read)
+    assert all(same(g, w) for g, w in zip(r.get(keys), rows))
+    assert isinstance(r._cache.get("m"), mmap.mmap)  # kept mapped for the next batch
+    path = tmp_path / "s" / "shards" / "m.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # the last entry's bytes, rewritten in place under the mapping
+    path.write_bytes(bytes(data))
+    assert same(r.get_batch(keys[:2]), {n: torch.stack([rows[i][n] for i in range(2)]) for n in rows[0]})
+    with pytest.raises(StoreCorrupt, match=r"entry row 7: .* crc32 mismatch"):
+        r.get_batch(keys)
 
 
 @unit

@@ -14,6 +14,7 @@ names starting with ``.`` (a killed writer's temporary files).
 """
 from __future__ import annotations
 
+import mmap
 import os
 import posixpath
 import uuid
@@ -53,6 +54,15 @@ class Location:
     def read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
         """The object's bytes, or ``[start, end)`` of them; FileNotFoundError if it is absent."""
         return self.fs.cat_file(path, start=start, end=end)
+
+    def map(self, path: str):
+        """A local object memory-mapped read-only (``mmap``; pages are read as they are touched);
+        FileNotFoundError if it is absent. Shards are never rewritten in place (replaced or deleted
+        whole), so a mapping keeps reading the bytes it mapped."""
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return b""
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
     def read_many(self, paths: list[str]) -> list[bytes | None]:
         """Several whole objects (concurrent requests on s3fs/gcsfs); None for one that is absent."""

@@ -17,6 +17,7 @@ import json
 import struct
 import zlib
 
+import numpy as np
 import torch
 
 # torch dtype <-> safetensors dtype code (the codes safetensors' own readers expect)
@@ -102,6 +103,26 @@ def encode(keys: list[str], rows: list[dict[str, torch.Tensor]]) -> tuple[bytear
         crc = zlib.crc32(memoryview(buf)[start:pos])
         entries[key] = Entry(r, start, pos, crc, tuple((n, CODES[t.dtype], tuple(t.shape)) for n, t in tensors))
     return buf, entries
+
+
+def batch_buffers(outputs: tuple[tuple[str, str, tuple[int, ...]], ...], n: int) -> dict[str, torch.Tensor]:
+    """Empty ``(n, *shape)`` tensors, one per output of an entry's layout: what ``decode_into`` fills."""
+    return {name: torch.empty((n, *shape), dtype=DTYPES[code]) for name, code, shape in outputs}
+
+
+def decode_into(out: dict[str, torch.Tensor], i: int, row_bytes: bytes | memoryview, entry: Entry) -> None:
+    """Copy one entry's tensors from its row's bytes into row ``i`` of ``out`` (``batch_buffers``):
+    one memcpy per output (numpy's, single-threaded), no intermediate tensor."""
+    src = np.frombuffer(row_bytes, dtype=np.uint8)
+    pos = 0
+    for name, _, _ in entry.outputs:
+        dst = out[name][i].reshape(-1).view(torch.uint8).numpy()
+        if pos + dst.size > src.size:
+            raise ValueError(f"entry of {src.size} bytes is shorter than its outputs")
+        dst[:] = src[pos:pos + dst.size]
+        pos += dst.size
+    if pos != src.size:
+        raise ValueError(f"entry of {src.size} bytes holds {pos} bytes of outputs")
 
 
 def decode(row_bytes: bytes | memoryview, entry: Entry) -> dict[str, torch.Tensor]:

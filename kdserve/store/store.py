@@ -48,7 +48,7 @@ from kdserve.store.index import ShardIndex
 from kdserve.store.location import MANIFEST, Location
 from kdserve.store.lru import ByteLRU
 from kdserve.store.manifest import Manifest
-from kdserve.store.shard_format import Entry, decode, encode
+from kdserve.store.shard_format import Entry, batch_buffers, decode, decode_into, encode
 
 MODES = ("read", "read_through", "write")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -166,53 +166,101 @@ class TargetStore:
     def get(self, keys: list[str]) -> list[dict[str, torch.Tensor] | None]:
         """Each key's targets (tensors that own their memory, bit-exact as put), or None if absent.
 
-        Per shard, a call that wants at least ``WHOLE_FRACTION`` of its bytes (or finds it in the
-        LRU) reads it whole, checks the sha256 of all its bytes against the index and keeps it in
-        the LRU; otherwise it range-reads just the wanted entries and checks each entry's length
-        and crc32 (from the index): a flipped byte is caught either way (``StoreCorrupt``), though
-        crc32 guards against corruption, not against a deliberate forgery.
+        Every entry's bytes are checked before they are decoded (``StoreCorrupt``; see ``_spans``).
         """
         with self._lock:
             out: list[dict[str, torch.Tensor] | None] = [None] * len(keys)
-            by_shard: dict[str, list[tuple[int, Entry]]] = {}
             for i, key in enumerate(keys):
                 if key in self._buffer:
                     out[i] = dict(self._buffer[key])
-                elif key in self._where:
-                    shard, entry = self._where[key]
-                    by_shard.setdefault(shard, []).append((i, entry))
-            for shard, wanted in by_shard.items():
-                if shard not in self._shards:
-                    continue  # gone in a refresh earlier in this call: evicted, misses
-                try:
-                    rows = self._read_entries(shard, [e for _, e in wanted])
-                except FileNotFoundError:
-                    rows = self._shard_vanished(shard, len(wanted))
-                for (i, _), row in zip(wanted, rows):
-                    out[i] = row
+            for shard, wanted, spans in self._committed_spans(keys):
+                for (i, e), b in zip(wanted, spans):
+                    out[i] = self._decode(shard, b, e)
             return out
 
-    def _read_entries(self, shard: str, entries: list[Entry]) -> list[dict[str, torch.Tensor]]:
+    def get_batch(self, keys: list[str]) -> dict[str, torch.Tensor] | list[int]:
+        """The keys' targets stacked by output name, ``(len(keys), ...)`` each, copied ONCE from the
+        shards into the batch's tensors (no per-row tensor, no ``torch.stack``, no torch thread pool);
+        or, when some keys are absent, their positions in ``keys``. Checked like ``get``."""
+        with self._lock:
+            if any(k in self._buffer for k in keys):  # a writer's own unflushed rows: the general path
+                rows = self.get(keys)
+                absent = [i for i, r in enumerate(rows) if r is None]
+                return absent or {n: torch.stack([r[n] for r in rows]) for n in rows[0]} if rows else {}
+            absent = [i for i, k in enumerate(keys) if k not in self._where]
+            if absent or not keys:
+                return absent or {}
+            out, layout, got = None, None, 0
+            for shard, wanted, spans in self._committed_spans(keys):
+                for (i, e), b in zip(wanted, spans):
+                    if out is None:
+                        layout, out = e.outputs, batch_buffers(e.outputs, len(keys))
+                    elif e.outputs != layout:
+                        raise ValueError(f"get_batch: key {keys[i]} has outputs {e.outputs}, key {keys[0]} "
+                                         f"{layout}: rows of different shapes do not stack")
+                    try:
+                        decode_into(out, i, b, e)
+                    except ValueError as err:
+                        raise StoreCorrupt(f"index/{shard}.json of {self.uri} does not match its shard (row {e.row}: "
+                                           f"{err}): delete both") from None
+                    got += 1
+            if got < len(keys):  # a shard evicted under us: those keys are misses now
+                return [i for i, k in enumerate(keys) if k not in self._where] or list(range(len(keys)))
+            return out
+
+    def _committed_spans(self, keys: list[str]):
+        """(shard, [(position, entry)], [entry bytes]) per shard holding some of ``keys`` (committed,
+        not in this handle's buffer); a shard evicted meanwhile is skipped (its keys: misses)."""
+        by_shard: dict[str, list[tuple[int, Entry]]] = {}
+        for i, key in enumerate(keys):
+            if key not in self._buffer and key in self._where:
+                shard, entry = self._where[key]
+                by_shard.setdefault(shard, []).append((i, entry))
+        for shard, wanted in by_shard.items():
+            if shard not in self._shards:
+                continue  # gone in a refresh earlier in this call: evicted, misses
+            try:
+                spans = self._spans(shard, [e for _, e in wanted])
+            except FileNotFoundError:
+                self._shard_vanished(shard, len(wanted))
+                continue
+            yield shard, wanted, spans
+
+    def _spans(self, shard: str, entries: list[Entry]) -> list[bytes | memoryview]:
+        """The entries' checked bytes. On a local disk the shard is memory-mapped (kept in the LRU):
+        only the pages of the wanted rows are read, each entry's length and crc32 (from the index)
+        checked. Elsewhere a call that wants at least ``WHOLE_FRACTION`` of a shard's bytes (or finds
+        it in the LRU) reads it whole, checks the sha256 of all its bytes against the index and keeps
+        it in the LRU; otherwise it range-reads just the wanted entries and checks each one's length
+        and crc32. A flipped byte is caught every way (crc32 guards against corruption, not against
+        a deliberate forgery)."""
         idx = self._shards[shard]
         data = self._cache.get(shard)
-        if data is None and sum(e.end - e.start for e in entries) >= WHOLE_FRACTION * idx.nbytes \
+        if data is None and self.location.local:
+            data = self.location.map(self.location.shard_path(shard))
+            if len(data) != idx.nbytes:
+                raise StoreCorrupt(f"shard {self.uri}/shards/{shard}.safetensors is corrupt ({len(data)} bytes, index "
+                                   f"says {idx.nbytes}): delete it and its index/{shard}.json")
+            self._cache.put(shard, data)
+        elif data is None and sum(e.end - e.start for e in entries) >= WHOLE_FRACTION * idx.nbytes \
                 and idx.nbytes <= self._cache.max_bytes:
             data = self.location.read(self.location.shard_path(shard))
             if len(data) != idx.nbytes or hashlib.sha256(data).hexdigest() != idx.sha256:
                 raise StoreCorrupt(f"shard {self.uri}/shards/{shard}.safetensors is corrupt ({len(data)} bytes, index "
                                    f"says {idx.nbytes}; sha256 mismatch): delete it and its index/{shard}.json")
             self._cache.put(shard, data)
-        if data is not None:
+        if data is None:
+            spans = self.location.read_ranges(self.location.shard_path(shard), [(e.start, e.end) for e in entries])
+        else:
             view = memoryview(data)
-            return [self._decode(shard, view[e.start:e.end], e) for e in entries]
-        spans = self.location.read_ranges(self.location.shard_path(shard), [(e.start, e.end) for e in entries])
-        rows = []
+            spans = [view[e.start:e.end] for e in entries]
+            if not self.location.local:
+                return spans  # the whole object's sha256 was checked when it was read
         for e, b in zip(entries, spans):
             if len(b) != e.end - e.start or zlib.crc32(b) != e.crc32:
                 raise StoreCorrupt(f"shard {self.uri}/shards/{shard}.safetensors is corrupt (entry row {e.row}: "
                                    f"{len(b)} bytes, crc32 mismatch): delete it and its index/{shard}.json")
-            rows.append(self._decode(shard, b, e))
-        return rows
+        return spans
 
     def _decode(self, shard: str, data: bytes | memoryview, e: Entry) -> dict[str, torch.Tensor]:
         try:
@@ -223,6 +271,7 @@ class TargetStore:
 
     def _shard_vanished(self, shard: str, n: int) -> list[None]:
         """A listed shard whose file is gone: evicted (its index went first) -> misses; else corrupt."""
+        self._cache.discard(shard)
         self.refresh()
         if shard in self._shards:
             raise StoreCorrupt(f"shard {self.uri}/shards/{shard}.safetensors is missing but index/{shard}.json "

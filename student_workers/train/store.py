@@ -109,29 +109,38 @@ class StoreSubmitter:
         self.hits = self.misses = 0
 
     def submit(self, inputs: Mapping[str, torch.Tensor], spec: pb.TargetSpec, *args: Any) -> concurrent.futures.Future:
+        """The batch's targets, read (and keyed: ``sample_keys``' sha256 per row) on this submitter's
+        threads, off the caller's."""
         inputs = {k: v.detach().cpu() for k, v in inputs.items()}
-        keys = sample_keys(inputs, spec_repr(spec), self.fingerprint)
-        return self._pool.submit(self._targets, inputs, spec, keys)
+        return self._pool.submit(self._targets, inputs, spec)
 
-    def _targets(self, inputs: dict[str, torch.Tensor], spec: pb.TargetSpec, keys: list[str]) -> dict[str, torch.Tensor]:
-        rows = [None] * len(keys) if self.mode == "write" else self.store.get(keys)
-        todo = [i for i, r in enumerate(rows) if r is None]
+    def _targets(self, inputs: dict[str, torch.Tensor], spec: pb.TargetSpec) -> dict[str, torch.Tensor]:
+        keys = sample_keys(inputs, spec_repr(spec), self.fingerprint)
+        if self.mode == "write":
+            todo = list(range(len(keys)))
+        else:  # every key stored: one copy from the shards into the batch's tensors
+            got = self.store.get_batch(keys)
+            if isinstance(got, dict):
+                with self._lock:
+                    self.hits += len(keys)
+                return got
+            todo = got
         with self._lock:
             self.hits += len(keys) - len(todo)
             self.misses += len(todo)
-        if todo and self.mode == "read":
+        if self.mode == "read":
             raise StoreKeyMissing(f"target store {self.store.uri} has no targets for sample key {keys[todo[0]]} "
                                   f"({len(todo)} of this batch's {len(keys)} missing): precompute this job's targets "
                                   f"(kdserve-precompute --config <job>) or use teacher.store_mode read_through")
-        if todo:
-            sub = inputs if len(todo) == len(keys) else take(inputs, todo)
-            got = self.teacher.submit(sub, spec).result()
-            fresh = split_rows(got, len(todo))
-            self.store.put([keys[i] for i in todo], fresh)
-            if len(todo) == len(keys):
-                return dict(got)  # the teacher's own answer, as the client gave it
-            for i, row in zip(todo, fresh):
-                rows[i] = row
+        sub = inputs if len(todo) == len(keys) else take(inputs, todo)
+        got = self.teacher.submit(sub, spec).result()
+        fresh = split_rows(got, len(todo))
+        self.store.put([keys[i] for i in todo], fresh)
+        if len(todo) == len(keys):
+            return dict(got)  # the teacher's own answer, as the client gave it
+        rows = self.store.get(keys)  # the stored part (and the fresh rows, now in the buffer)
+        for i, row in zip(todo, fresh):
+            rows[i] = row
         return stack_rows(rows)
 
     def flush(self) -> None:

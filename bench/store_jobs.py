@@ -14,8 +14,10 @@ same loop without KD (the same student, optimizer and batches, a ``NoTeacher`` p
 loss on the student's own last block instead of the KD terms), alternating step by step: each batch
 trained by both back to back, the figure the median of those pairs' ratios (a batch's padded length
 and the machine's load at that moment hit both).
-Bounded by the store's reads (a whole shard read and checked once, then per batch 32 rows copied out
-of it and stacked, on the prefetch thread, sharing the cores with the step) and the KD losses.
+Bounded by the KD losses (MSE on 3 blocks + the embedding cosine, forward and backward: the step's
+extra work over the no-KD loss) and the store's reads on the StoreSubmitter's threads, sharing the
+cores with the step: per batch the 32 keys hashed, then 32 rows copied once from the memory-mapped
+shard into the batch's tensors, each row's crc32 checked (``TargetStore.get_batch``).
 """
 from __future__ import annotations
 

@@ -38,6 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="score on held_out (final numbers) or on a validation share of train (tuning)")
     p.add_argument("--resume", action="store_true", help="keep existing run dirs (resume / reuse finished runs)")
     p.add_argument("--no-scales", action="store_true", help="skip the loss-scale measurement at init")
+    p.add_argument("--then", metavar="CONFIG", help="a second phase per run (DistillVLM: pre-training, then "
+                   "fine-tuning with configs/distillvlm_finetune.yaml): the same variant and seed of CONFIG, "
+                   "starting from the first phase's student; runs are scored after it. --set applies to both")
+    p.add_argument("--then-set", action="append", default=[], metavar="KEY=VALUE", help="for the second phase only")
     return p.parse_args(argv)
 
 
@@ -50,14 +54,19 @@ def main(argv=None) -> int:
         cfg = load(JobConfig, args.config, args.set)
         seeds = parse_seeds(args.seeds)
         names = [v.strip() for v in args.variants.split(",") if v.strip()]
-        runs = variants(split_config(cfg, args.split), seeds, names, args.split if args.split != "held_out" else None)
+        split = args.split if args.split != "held_out" else None
+        runs = variants(split_config(cfg, args.split), seeds, names, split)
+        then = {}
+        if args.then:
+            second = load(JobConfig, args.then, args.set + args.then_set)
+            then = {(n, s): c for n, s, c in variants(split_config(second, args.split), seeds, names, split)}
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for _, _, c in runs:
         resolve_student_checkpoint(c)
     command = "python compare_vlm.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    return compare(Comparison(cfg, runs, seeds, args.split, command, resume=args.resume),
+    return compare(Comparison(cfg, runs, seeds, args.split, command, resume=args.resume, then=then),
                    measure_scales=not args.no_scales)
 
 

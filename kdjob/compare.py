@@ -13,7 +13,7 @@ from typing import Any
 from kdjob.cluster import start_ray, teardown
 from kdjob.fit import TeacherGone, final_metrics, final_state, fit, training_failure
 from kdjob.scoring import loss_scales, score
-from kdjob.summary import format_table, summarize, verdict
+from kdjob.summary import format_paired, format_table, paired, summarize, verdict
 from kdjob.teacher import describe, teacher_address
 
 
@@ -34,6 +34,7 @@ class Comparison:
     records: list = field(default_factory=list)
     optima_runs: list = field(default_factory=list)  # [(seed, run dir)]
     t0: float = field(default_factory=time.time)
+    then: dict = field(default_factory=dict)  # {(variant, seed): second-phase JobConfig}: scored after it
 
     @property
     def storage(self) -> Path:
@@ -48,6 +49,7 @@ class Comparison:
             "command": self.command, "split": self.split, "seeds": self.seeds, "steps": self.cfg.train.steps,
             "wall_s": round(time.time() - self.t0, 1), "teacher": self.info.model_name,
             "loss_scales_at_init": self.scales, "runs": self.records, "summary": table,
+            "paired_vs_no_kd": {m: paired(self.rows, m) for m in ("accuracy", "recall@5")},
             "optima_plots": list(plots), "complete": complete}, indent=2))
         return table, out
 
@@ -81,24 +83,45 @@ def measure_loss_scales(c: Comparison) -> None:
                   flush=True)
 
 
-def run_variant(c: Comparison, name: str, seed: int, run_cfg) -> bool:
-    """Train and score one run; False (after one error line) when it failed."""
+def fit_one(c: Comparison, name: str, seed: int, run_cfg):
+    """(Ray Train result, run dir) of one training run; None (after one error line) when it failed."""
     run_dir = c.storage / run_cfg.run.name
     if run_dir.exists() and not c.resume:
         shutil.rmtree(run_dir)
-    t1 = time.time()
     try:
         result = fit(run_cfg, c.address, run_dir)
     except TeacherGone as e:  # the run was stopped, not restarted: one line
         print(f"error: {name} seed {seed}: {e}", file=sys.stderr)
-        return False
+        return None
     if result.error:
         print(f"error: {name} seed {seed} failed: {training_failure(result.error)}", file=sys.stderr)
+        return None
+    return result, run_dir
+
+
+def run_variant(c: Comparison, name: str, seed: int, run_cfg) -> bool:
+    """Train (both phases when ``c.then`` has a second) and score one run; False when it failed."""
+    from kdjob.chain import chained
+
+    t1 = time.time()
+    done = fit_one(c, name, seed, run_cfg)
+    if done is None:
         return False
-    scores = score(run_cfg, c.address, c.info, final_state(result)["distiller"], c.split)
+    result, run_dir = done
+    state, phases = final_state(result)["distiller"], [run_cfg.run.name]
+    if (name, seed) in c.then:
+        run_cfg = chained(c.then[(name, seed)], run_cfg, state, run_dir)
+        done = fit_one(c, name, seed, run_cfg)
+        if done is None:
+            return False
+        result, run_dir = done
+        state = final_state(result)["distiller"]
+        phases.append(run_cfg.run.name)
+    scores = score(run_cfg, c.address, c.info, state, c.split)
     c.rows.append((name, seed, scores))
-    c.records.append({"variant": name, "seed": seed, "run": run_cfg.run.name, "seconds": round(time.time() - t1, 1),
-                      "scores": scores, "final_train_metrics": final_metrics(result)})
+    c.records.append({"variant": name, "seed": seed, "run": run_cfg.run.name, "phases": phases,
+                      "seconds": round(time.time() - t1, 1), "scores": scores,
+                      "final_train_metrics": final_metrics(result)})
     if name == "optima":
         c.optima_runs.append((seed, run_dir))
     c.write()
@@ -113,7 +136,7 @@ def finish(c: Comparison) -> None:
     first = c.rows[0][2]
     print(f"\n{len(c.seeds)} seeds ({','.join(map(str, c.seeds))}), {c.cfg.train.steps} steps each, "
           f"{first['samples']} {c.split} samples; teacher accuracy {first['teacher_accuracy']:.3f}; "
-          f"wall {wall:.0f} s\n{format_table(table, c.split)}\n{verdict(table)}")
+          f"wall {wall:.0f} s\n{format_table(table, c.split)}\n{verdict(table)}\n{format_paired(paired(c.rows))}")
     print(f"[compare] wrote {out} and the OPTIMA plots optima_seed<seed>.png")
 
 

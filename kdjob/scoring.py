@@ -24,8 +24,8 @@ def score(cfg, address, info, state_dict, split: str, batch_size: int = 64) -> d
     from torch.utils.data import DataLoader
 
     from kdserve import wire
-    from student_workers.train.batches import make_collate
-    from student_workers.train.teacher import teacher_client
+    from student_workers.train.batches import make_collate, teacher_inputs
+    from student_workers.train.teacher import image_size, teacher_client
 
     student = fresh_distiller(cfg, info, state_dict).student.eval()
     loader = DataLoader(eval_split(cfg, split), batch_size=batch_size, shuffle=False, collate_fn=make_collate(cfg))
@@ -35,7 +35,8 @@ def score(cfg, address, info, state_dict, split: str, batch_size: int = 64) -> d
         for batch in loader:
             inputs = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")}
             out = student(inputs)
-            t = client.get_targets(inputs, wire.target_spec(logits=True))["logits"].float()  # (B, C)
+            t = client.get_targets(teacher_inputs(inputs, image_size(info)),  # the teacher's resolution
+                                   wire.target_spec(logits=True))["logits"].float()  # (B, C)
             pred = out.logits.argmax(-1)
             correct += int((pred == batch["labels"]).sum())
             agree += int((pred == t.argmax(-1)).sum())
@@ -50,7 +51,8 @@ def score(cfg, address, info, state_dict, split: str, batch_size: int = 64) -> d
             "teacher_accuracy": teacher_ok / n}
 
 
-LOSS_GROUPS = {"task": "task_weight", "kd": "logits_weight", "hid": "feature_weight", "attn": "attention_weight"}
+LOSS_GROUPS = {"task": "task_weight", "kd": "logits_weight", "hid": "feature_weight", "attn": "attention_weight",
+               "nce": "nce_weight"}
 
 
 def loss_scales(cfg, address, info, batches: int = 2) -> dict[str, dict[str, float]]:
@@ -62,8 +64,8 @@ def loss_scales(cfg, address, info, batches: int = 2) -> dict[str, dict[str, flo
 
     from student_workers.train.batches import batch_labels
     from student_workers.train.batches import batches as train_batches
-    from student_workers.train.batches import student_inputs
-    from student_workers.train.teacher import teacher_client
+    from student_workers.train.batches import student_inputs, teacher_inputs
+    from student_workers.train.teacher import image_size, teacher_client
 
     distiller = fresh_distiller(cfg, info)
     params = [p for p in distiller.student.parameters() if p.requires_grad]
@@ -73,7 +75,8 @@ def loss_scales(cfg, address, info, batches: int = 2) -> dict[str, dict[str, flo
     with teacher_client(cfg, address, f"{cfg.run.name}-scales") as client:
         for batch in itertools.islice(train_batches(cfg, 0, 1), batches):
             inputs = student_inputs(batch)
-            targets = client.get_targets(inputs, distiller.target_spec()) if distiller.needs_teacher else {}
+            targets = (client.get_targets(teacher_inputs(inputs, image_size(info)), distiller.target_spec())
+                       if distiller.needs_teacher else {})
             for g, w in groups.items():
                 only = full.model_copy(update={k: (getattr(full, k) if k == w else 0.0)
                                                for k in (*LOSS_GROUPS.values(), *KD_WEIGHTS)})

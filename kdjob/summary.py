@@ -44,3 +44,27 @@ def verdict(table, metric: str = "accuracy") -> str:
         lines.append(f"{name} - no-kd {metric}: {gap:+.3f} (1 std = {margin:.3f}): "
                      + ("beats no-KD by > 1 std" if gap > margin else "does NOT beat no-KD by > 1 std"))
     return "\n".join(lines)
+
+
+def paired(rows, metric: str = "accuracy", baseline: str = "no-kd") -> dict[str, dict]:
+    """Per variant, its difference from ``baseline`` on each seed both ran (same init, data order,
+    steps): {variant: {"diffs": {seed: d}, "mean": mean d, "se": std(d, ddof=1) / sqrt(n)}}."""
+    base = {seed: s[metric] for v, seed, s in rows if v == baseline and s.get(metric) is not None}
+    out = {}
+    for name in dict.fromkeys(r[0] for r in rows if r[0] != baseline):
+        diffs = {seed: s[metric] - base[seed] for v, seed, s in rows
+                 if v == name and seed in base and s.get(metric) is not None}
+        if diffs:
+            d = list(diffs.values())
+            se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else 0.0
+            out[name] = {"diffs": diffs, "mean": statistics.fmean(d), "se": se}
+    return out
+
+
+def format_paired(table: dict[str, dict], metric: str = "accuracy") -> str:
+    """One line per variant: the per-seed differences from no-KD, their mean and its standard error."""
+    return "\n".join(
+        f"{name} - no-kd {metric}, paired by seed: "
+        + ", ".join(f"s{seed} {d:+.3f}" for seed, d in p["diffs"].items())
+        + f"; mean {p['mean']:+.3f} ± {p['se']:.3f} (SE)" + (" (> 2 SE)" if p["mean"] > 2 * p["se"] else "")
+        for name, p in table.items())

@@ -29,6 +29,7 @@ from student_workers.losses import (
     masked_mean_pool,
     token_nce,
 )
+from student_workers.losses.teacher_targets import need_target, student_attention, target_like, teacher_width
 from student_workers.losses.layer_map import layer_map
 from student_workers.train.job_config import DistillSection
 
@@ -74,6 +75,9 @@ class Distiller(nn.Module):
         self.queues = nn.ModuleDict()
         self.d2v_proj = nn.ModuleDict()
         self.emb_proj = nn.ModuleDict()
+        # Attention terms only where both sides have attention maps (a CNN module has none).
+        self.attention_modules = [m for m in self.modules_ if cfg.attention_weight > 0
+                                  and self.student_modules[m][2] > 0 and self.teacher_info[m].num_heads > 0]
         for m in self.modules_:
             l_s, d_s, h_s = self.student_modules[m]
             t = self.teacher_info[m]
@@ -84,8 +88,8 @@ class Distiller(nn.Module):
                     raise ValueError(f"distill.layer_map for module {m!r} (teacher has {t.num_layers} blocks): {e}") from None
             if cfg.feature_weight > 0:
                 for s, tl in self.pairs[m]:
-                    self.proj[f"{m}_{s}"] = Projection(self._student_width(m, s), _teacher_width(t, tl))
-            if cfg.attention_weight > 0 and cfg.attention_kind == "per_head" and h_s != t.num_heads:
+                    self.proj[f"{m}_{s}"] = Projection(self._student_width(m, s), teacher_width(t, tl))
+            if m in self.attention_modules and cfg.attention_kind == "per_head" and h_s != t.num_heads:
                 raise ValueError(
                     f"distill.attention_kind=per_head needs equal head counts; module {m!r}: student {h_s}, "
                     f"teacher {t.num_heads} (use attention_kind: head_mean)"
@@ -149,7 +153,7 @@ class Distiller(nn.Module):
                 layers.add(t.num_layers)
             if layers:
                 hidden[tm] = sorted(layers)
-            if c.attention_weight > 0 and m in layerwise:
+            if m in self.attention_modules and m in layerwise:
                 attention[tm] = [t.num_layers] if c.attention_kind == "per_head" else sorted({tl for _, tl in self.pairs[m]})
         return wire.target_spec(
             hidden=hidden, hidden_reduction=reduction, data2vec_eps=c.data2vec_eps,
@@ -162,7 +166,7 @@ class Distiller(nn.Module):
         if self.cfg.attention_weight <= 0:
             return False
         need = {}
-        for m in self.modules_:
+        for m in self.attention_modules:
             if arm is not None and m not in arm:
                 continue
             l_s = self.student_modules[m][0]
@@ -226,11 +230,13 @@ class Distiller(nn.Module):
         with contextlib.nullcontext() if trains else torch.no_grad():
             if c.feature_weight > 0:
                 hid = v.hidden[-1].new_zeros(())
+                pooled = self.teacher_info[m].num_tokens == 1  # the teacher's states are pooled: pool the student's
                 for s, t in self.pairs[m]:
-                    hid = hid + feature_loss(v.hidden[s - 1], _t(_need(targets, f"hidden.{m}.{t}"), v.hidden[s - 1]),
-                                             c.feature_kind, mask=v.mask, projection=self.proj[f"{m}_{s}"])
+                    h = masked_mean_pool(v.hidden[s - 1], v.mask).unsqueeze(1) if pooled else v.hidden[s - 1]
+                    hid = hid + feature_loss(h, target_like(need_target(targets, f"hidden.{m}.{t}"), h), c.feature_kind,
+                                             mask=None if pooled else v.mask, projection=self.proj[f"{m}_{s}"])
                 out.append(("hid", c.feature_weight, hid))
-            if c.attention_weight > 0:
+            if m in self.attention_modules:
                 out.append(("attn", c.attention_weight, self._attention(m, m, v, targets)))
         return out
 
@@ -243,7 +249,7 @@ class Distiller(nn.Module):
             out.append(("emb", c.embedding_weight, self._embedding(m, m, v, targets)))
         if c.data2vec_weight > 0:
             out.append(("data2vec", c.data2vec_weight,
-                        data2vec_loss(v.hidden, _t(_need(targets, f"data2vec.{m}"), v.hidden[-1]), eps=c.data2vec_eps,
+                        data2vec_loss(v.hidden, target_like(need_target(targets, f"data2vec.{m}"), v.hidden[-1]), eps=c.data2vec_eps,
                                       mask=v.mask, projection=self.d2v_proj[m])))
         return out
 
@@ -261,7 +267,7 @@ class Distiller(nn.Module):
         tokens (sentence-transformers' pooling), student (projected) vs teacher, by the configured
         distance (cosine by default: retrieval compares directions)."""
         key = f"hidden.{tm}.{self.teacher_info[m].num_layers}"
-        teacher = masked_mean_pool(_t(_need(targets, key), v.hidden[-1]), v.mask)  # (B, D_t)
+        teacher = masked_mean_pool(target_like(need_target(targets, key), v.hidden[-1]), v.mask)  # (B, D_t)
         student = masked_mean_pool(self.emb_proj[m](v.hidden[-1]), v.mask)  # (B, D_t)
         return feature_loss(student, teacher, self.cfg.embedding_kind)
 
@@ -271,17 +277,17 @@ class Distiller(nn.Module):
         if c.attention_kind == "per_head":
             l_s = self.student_modules[m][0]
             key = f"attention.{tm}.{self.teacher_info[m].num_layers}"
-            a = _student_attention(v, m, l_s)
-            return fn(a, _t(_need(targets, key), a), mask=v.mask)
+            a = student_attention(v, m, l_s)
+            return fn(a, target_like(need_target(targets, key), a), mask=v.mask)
         total = 0
         for s, t in self.pairs[m]:
-            a = _student_attention(v, m, s)
-            total = total + fn(a, _t(_need(targets, f"attention.{tm}.{t}"), a[:, 0]), mask=v.mask)
+            a = student_attention(v, m, s)
+            total = total + fn(a, target_like(need_target(targets, f"attention.{tm}.{t}"), a[:, 0]), mask=v.mask)
         return total
 
     def _nce(self, m, tm, v: ModuleView, targets, enqueue: bool):
         t_last = self.teacher_info[m].num_layers
-        teacher = _t(_need(targets, f"hidden.{tm}.{t_last}"), v.hidden[-1])  # (B, T, D_t)
+        teacher = target_like(need_target(targets, f"hidden.{tm}.{t_last}"), v.hidden[-1])  # (B, T, D_t)
         student = self.nce_proj[m](v.hidden[-1])  # (B, T, D_t)
         queue = self.queues[m]
         loss = token_nce(student, teacher, queue.negatives().to(student.device), tau=self.cfg.nce_tau,
@@ -300,45 +306,8 @@ class Distiller(nn.Module):
         c = self.cfg
         if c.logits_top_k:
             fn = registry.get("logits_loss_topk", c.logits_loss)
-            return fn(logits, _t(_need(targets, "logits_topk.values"), logits),
-                      _need(targets, "logits_topk.indices").to(logits.device), temperature=c.temperature)
+            return fn(logits, target_like(need_target(targets, "logits_topk.values"), logits),
+                      need_target(targets, "logits_topk.indices").to(logits.device), temperature=c.temperature)
         fn = registry.get("logits_loss", c.logits_loss)
         kwargs = {"temperature": c.temperature} if "temperature" in inspect.signature(fn).parameters else {}
-        return fn(logits, _t(_need(targets, "logits"), logits), **kwargs)
-
-
-def _teacher_width(t: pb.ModuleInfo, layer: int) -> int:
-    """Width of the teacher's hidden state ``layer`` (per layer when the Describe reply lists them)."""
-    return int(t.layer_sizes[layer - 1]) if len(t.layer_sizes) else int(t.hidden_size)
-
-
-def _need(targets, key: str) -> torch.Tensor:
-    """``targets[key]``, or a ValueError naming the missing key and what the reply holds."""
-    if key not in targets:
-        raise ValueError(f"teacher targets lack {key!r}, which this step's losses need "
-                         f"(the reply holds {sorted(targets)}); was the request made with another target spec?")
-    return targets[key]
-
-
-def _student_attention(v: ModuleView, m: str, block: int) -> torch.Tensor:
-    """The student's attention probabilities of 1-based ``block``; a ValueError when it gave none."""
-    a = v.attentions[block - 1] if v.attentions is not None and len(v.attentions) >= block else None
-    if a is None:
-        raise ValueError(f"the student returned no attention for module {m!r} block {block}, which "
-                         "this step's attention loss needs (see Distiller.attention_needed)")
-    return a
-
-
-def _t(target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Teacher target on the student's device, float32, with a shape check that says what is wrong."""
-    if target.shape[:-1] != like.shape[:-1] and target.shape[0] != like.shape[0]:
-        raise ValueError(
-            f"teacher target {tuple(target.shape)} and student output {tuple(like.shape)} differ in batch: "
-            "teacher and student must see the same samples"
-        )
-    if target.dim() >= 3 and like.dim() >= 3 and target.shape[1] != like.shape[1]:
-        raise ValueError(
-            f"teacher target {tuple(target.shape)} and student output {tuple(like.shape)} differ in tokens: "
-            "teacher and student must see the same tokens (same tokenizer / patch grid)"
-        )
-    return target.to(like.device, torch.float32)
+        return fn(logits, target_like(need_target(targets, "logits"), logits), **kwargs)

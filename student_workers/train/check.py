@@ -73,6 +73,9 @@ def check_student_side(cfg: JobConfig, info: pb.TeacherInfo) -> Distiller:
     except (ValueError, KeyError) as e:
         msg = _first_line(e)
         raise ConfigError(msg if msg.startswith("distill") else f"distill: {msg}") from None
+    note = attention_note(distiller)
+    if note:
+        print(f"[check] {note}", flush=True)
     if cfg.data.dataset not in registry.names("dataset"):
         raise ConfigError(f"data.dataset: unknown dataset {cfg.data.dataset!r}; registered: "
                           f"{', '.join(registry.names('dataset'))}")
@@ -81,3 +84,14 @@ def check_student_side(cfg: JobConfig, info: pb.TeacherInfo) -> Distiller:
     except Exception as e:
         raise ConfigError(f"data.kwargs: the {cfg.data.dataset} dataset cannot be built: {_first_line(e)}") from None
     return distiller
+
+
+def attention_note(distiller: Distiller) -> str | None:
+    """One line naming the modules that get no attention term although ``distill.attention_weight``
+    is set (a module without attention maps on either side), else None."""
+    skipped = [m for m in distiller.modules_list
+               if distiller.cfg.attention_weight > 0 and m not in distiller.attention_modules]
+    if not skipped:
+        return None
+    return (f"distill.attention_weight: no attention term for module(s) {', '.join(skipped)} "
+            "(no attention maps there on the student or the teacher side)")

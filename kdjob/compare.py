@@ -137,6 +137,12 @@ def finish(c: Comparison) -> None:
     print(f"\n{len(c.seeds)} seeds ({','.join(map(str, c.seeds))}), {c.cfg.train.steps} steps each, "
           f"{first['samples']} {c.split} samples; teacher accuracy {first['teacher_accuracy']:.3f}; "
           f"wall {wall:.0f} s\n{format_table(table, c.split)}\n{verdict(table)}\n{format_paired(paired(c.rows))}")
+    for name in dict.fromkeys(r["variant"] for r in c.records):
+        got = [r["final_train_metrics"].get("teacher_targets_per_step") for r in c.records if r["variant"] == name]
+        vals = [r["final_train_metrics"].get("teacher_values_per_sample") for r in c.records if r["variant"] == name]
+        if all(g is not None for g in got + vals):
+            print(f"[compare] {name}: teacher targets per step {sum(got) / len(got):.2f} "
+                  f"({sum(vals) / len(vals):.0f} values per sample), the last phase's run average")
     print(f"[compare] wrote {out} and the OPTIMA plots optima_seed<seed>.png")
 
 

@@ -111,3 +111,18 @@ def test_second_phase_starts_from_the_first_phases_student(tmp_path):
     second.student.kwargs = {"num_classes": 4, "heads": 1}
     with pytest.raises(ValueError, match="same student.kwargs"):
         chained(second, first, state, tmp_path)
+
+
+def test_progress_counts_the_teacher_targets_each_step_used(tmp_path):
+    from types import SimpleNamespace
+
+    from student_workers.train.progress import Progress
+
+    cfg = SimpleNamespace(data=SimpleNamespace(batch_size=2), run=SimpleNamespace(name="t"), train=SimpleNamespace(steps=3))
+    p = Progress(cfg, rank=1, world=1, start=0, tensorboard_dir=tmp_path)  # rank 1: no writer, no line
+    full = {"hidden.text.6": torch.zeros(2, 5, 8), "attention.text.6": torch.zeros(2, 3, 5, 5), "logits": torch.zeros(2, 4)}
+    for targets in (full, {"logits": torch.zeros(2, 4)}, {}):  # all modules, logits only, no teacher
+        p.add(torch.tensor(1.0), {}, targets)
+    p.line(3, 1e-3, 0.0)
+    assert p.last["teacher_targets_per_step"] == pytest.approx((3 + 1 + 0) / 3)
+    assert p.last["teacher_values_per_sample"] == pytest.approx((5 * 8 + 3 * 5 * 5 + 4 + 4) / 3)

@@ -32,7 +32,8 @@ class Progress:
     steps that computed it (per-module and full-model terms exist on some steps only under
     OPTIMA). Rank 0 prints the line and writes the TensorBoard scalars (``writer``)."""
 
-    NOT_TERMS = ("step", "lr", "samples_per_s", "teacher_wait_s", "resumed_from")
+    NOT_TERMS = ("step", "lr", "samples_per_s", "teacher_wait_s", "resumed_from", "teacher_targets_per_step",
+                 "teacher_values_per_sample")
 
     def __init__(self, cfg, rank: int, world: int, start: int, tensorboard_dir: Path):
         self.cfg, self.rank, self.world, self.start = cfg, rank, world, start
@@ -42,13 +43,19 @@ class Progress:
 
             self.writer = SummaryWriter(str(tensorboard_dir))
         self.last: dict = {}  # the metrics of the last line
+        self.requested = {"steps": 0, "targets": 0, "values": 0}  # teacher targets since this start, per sample
         self._restart(0.0)
 
     def _restart(self, total_wait_s: float) -> None:
         self.t0, self.wait0, self.steps, self.sums, self.counts = time.perf_counter(), total_wait_s, 0, {}, {}
 
-    def add(self, total, terms: dict) -> None:
+    def add(self, total, terms: dict, targets=None) -> None:
+        """One step's loss, its terms and the teacher targets it used (``targets``: name -> (B, ...))."""
         self.steps += 1
+        got = targets or {}
+        self.requested["steps"] += 1
+        self.requested["targets"] += len(got)
+        self.requested["values"] += sum(v[0].numel() for v in got.values() if v.dim() > 0 and len(v))
         for k, v in {"loss": total.detach(), **terms}.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
             self.counts[k] = self.counts.get(k, 0) + 1
@@ -60,7 +67,9 @@ class Progress:
         metrics = {k: v / self.counts[k] for k, v in self.sums.items()}
         metrics.update(step=done, lr=lr, resumed_from=self.start,
                        samples_per_s=self.steps * self.cfg.data.batch_size * self.world / elapsed,
-                       teacher_wait_s=waited)
+                       teacher_wait_s=waited,
+                       teacher_targets_per_step=self.requested["targets"] / self.requested["steps"],  # run average
+                       teacher_values_per_sample=self.requested["values"] / self.requested["steps"])
         if self.rank == 0:
             self._show(metrics, done, waited / elapsed)
         self._restart(total_wait_s)

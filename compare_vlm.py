@@ -18,6 +18,16 @@ retrieval recall@1/@5 among all captions of the split (the student's image and t
 top-1 agreement with the teacher. Prints mean +- std (sample std, ddof=1) per variant, the loss
 terms at initialisation (value and gradient norm, to see which one steers training), and writes
 ``<storage>/compare_vlm.json`` (``compare_vlm-<run.name>-val.json`` when tuning) and one OPTIMA plot per seed (arm frequencies + reward means).
+Also per variant: the teacher targets each training step used (tensors per step, values per sample;
+run averages), and per distilled variant its paired difference from the no-KD twin over the seeds
+with the standard error of the mean difference.
+
+Two-phase recipes (DistillVLM's pre-training then fine-tuning): ``--then CONFIG`` trains, per
+variant and seed, a second run of CONFIG (the same variant and seed) that starts from the first
+run's student, and scores that one; the no-KD twin runs both phases with the task loss alone:
+
+    python compare_vlm.py --config configs/distillvlm_pretrained_pretrain.yaml \
+        --then configs/distillvlm_pretrained_finetune.yaml --variants layerwise,no-kd --seeds 0,1,2
 """
 from __future__ import annotations
 

@@ -68,6 +68,11 @@ def test_no_attention_term_for_the_cnn_module_and_pooled_feature_targets(engine)
         pooled = out.hidden["image"][s - 1].mean(dim=1, keepdim=True)  # (2, 1, D_s): every patch + CLS
         naive = naive + ((pooled @ p.weight.T + p.bias - targets[f"hidden.image.{t}"]) ** 2).mean()
     torch.testing.assert_close(terms["hid.image"], naive.detach())
+    # the loss-scale measurement swaps in a config with the attention weight at 0: no attention term, no request
+    d.cfg = d.cfg.model_copy(update={"attention_weight": 0.0})
+    assert not d.target_spec().attention and d.attention_needed() is False
+    _, terms = d(inputs, targets)
+    assert not any(k.startswith("attn") for k in terms)
 
 
 

@@ -153,7 +153,7 @@ class Distiller(nn.Module):
                 layers.add(t.num_layers)
             if layers:
                 hidden[tm] = sorted(layers)
-            if m in self.attention_modules and m in layerwise:
+            if c.attention_weight > 0 and m in self.attention_modules and m in layerwise:
                 attention[tm] = [t.num_layers] if c.attention_kind == "per_head" else sorted({tl for _, tl in self.pairs[m]})
         return wire.target_spec(
             hidden=hidden, hidden_reduction=reduction, data2vec_eps=c.data2vec_eps,
@@ -236,7 +236,7 @@ class Distiller(nn.Module):
                     hid = hid + feature_loss(h, target_like(need_target(targets, f"hidden.{m}.{t}"), h), c.feature_kind,
                                              mask=None if pooled else v.mask, projection=self.proj[f"{m}_{s}"])
                 out.append(("hid", c.feature_weight, hid))
-            if m in self.attention_modules:
+            if c.attention_weight > 0 and m in self.attention_modules:
                 out.append(("attn", c.attention_weight, self._attention(m, m, v, targets)))
         return out
 

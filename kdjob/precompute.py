@@ -60,10 +60,13 @@ def in_process_teacher(cfg, threads: int = 1) -> tuple[object, Callable[[object]
     from teacher_server.spec import resolve_spec
 
     engine = TeacherEngine.from_config(cfg.teacher.local)
-    info = TeacherService(engine, cfg.teacher.local).describe()
+    service = TeacherService(engine, cfg.teacher.local)
+    info = service.describe()
     pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kdserve-precompute")
 
     def forward(inputs: dict, spec) -> dict:
+        if "texts" in inputs:  # data.teacher_text: tokenized as the served teacher would (teacher_server.texts)
+            inputs = {k: torch.from_numpy(v) for k, v in service.texts.tokenize(list(inputs["texts"])).items()}
         (out,), _ = engine.run([Work(inputs, spec)])
         return {k: codec.decode(codec.encode(v.q, v.scales)) if isinstance(v, Quantized) else v for k, v in out.items()}
 
@@ -78,19 +81,23 @@ def served_teacher(cfg) -> tuple[object, Callable[[object], Run]]:
     """(TeacherInfo, spec -> run) of the teacher at ``teacher.address``."""
     from student_workers.train.teacher import teacher_client
 
+    from student_workers.train.text_in import TextTeacher
+
     client = teacher_client(cfg, cfg.teacher.address, f"{cfg.run.name}-precompute")
-    return client.describe(), lambda spec: (lambda inputs: client.submit(inputs, spec))
+    teacher = TextTeacher(client)  # a {"texts": [...]} batch goes as raw texts
+    return client.describe(), lambda spec: (lambda inputs: teacher.submit(inputs, spec))
 
 
 class Pending:
-    """Rows waiting for a forward, by input shapes (rows stack only with their own kind)."""
+    """Rows waiting for a forward, by input shapes (rows stack only with their own kind; texts all together:
+    the teacher pads them)."""
 
     def __init__(self):
         self.groups: dict[tuple, tuple[list[str], list[dict]]] = {}
         self.extras: dict[str, dict[str, torch.Tensor]] = {}  # key -> what is stored beside its targets
 
-    def add(self, key: str, row: dict[str, torch.Tensor], extra: dict[str, torch.Tensor] | None = None) -> tuple:
-        sig = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(row.items()))
+    def add(self, key: str, row: dict, extra: dict[str, torch.Tensor] | None = None) -> tuple:
+        sig = ("texts",) if "texts" in row else tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(row.items()))
         keys, rows = self.groups.setdefault(sig, ([], []))
         keys.append(key)
         rows.append(row)
@@ -105,8 +112,10 @@ class Pending:
         return [{**row, **self.extras.pop(k, {})} for k, row in zip(keys, split_rows(targets, len(keys)))]
 
     def take(self, sig: tuple) -> tuple[list[str], dict[str, torch.Tensor]]:
+        from student_workers.train.text_in import stack_inputs
+
         keys, rows = self.groups.pop(sig)
-        return keys, {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        return keys, stack_inputs(rows)
 
     def __len__(self) -> int:
         return sum(len(k) for k, _ in self.groups.values())
@@ -114,9 +123,11 @@ class Pending:
 
 def fill(store, run: Run, spec, fingerprint: str, reqs, batch: int, depth: int = 2, bar=None) -> dict:
     """Compute every row of ``reqs`` the store lacks, ``batch`` rows per forward, ``depth`` forwards
-    in flight; put each answer into the store. A request is its inputs, or ``(inputs, extras)``:
-    ``extras[name][i]`` is stored beside row i's targets. Returns counts (samples seen, computed, skipped)."""
-    from kdserve.store import sample_keys, spec_repr
+    in flight; put each answer into the store. A request is its inputs (tensors, or texts), or
+    ``(inputs, extras)``: ``extras[name][i]`` is stored beside row i's targets. Returns counts
+    (samples seen, computed, skipped)."""
+    from kdserve.store import spec_repr
+    from student_workers.train.text_in import keys_of, row_of
 
     text, pending, queued = spec_repr(spec), Pending(), set()
     inflight: deque = deque()
@@ -137,7 +148,7 @@ def fill(store, run: Run, spec, fingerprint: str, reqs, batch: int, depth: int =
 
     for inputs in reqs:
         inputs, extras = inputs if isinstance(inputs, tuple) else (inputs, {})
-        keys = sample_keys(inputs, text, fingerprint)
+        keys = keys_of(inputs, text, fingerprint)
         counts["samples"] += len(keys)
         todo = set(store.missing(keys)) - queued
         skipped = 0
@@ -147,7 +158,7 @@ def fill(store, run: Run, spec, fingerprint: str, reqs, batch: int, depth: int =
                 continue
             todo.discard(k)  # a key twice in one batch: once
             queued.add(k)
-            sig = pending.add(k, {n: t[i] for n, t in inputs.items()}, {n: t[i] for n, t in extras.items()})
+            sig = pending.add(k, row_of(inputs, i), {n: t[i] for n, t in extras.items()})
             if len(pending.groups[sig][0]) >= batch:
                 launch(sig)
         counts["stored_before"] += skipped

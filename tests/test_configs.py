@@ -32,7 +32,8 @@ def test_config_loads_and_names_registered_parts(path):
     assert cfg.student.kind in registry.names("student")
     assert cfg.data.dataset in registry.names("dataset")
     d = cfg.distill
-    assert any((d.feature_weight, d.data2vec_weight, d.logits_weight, d.attention_weight, d.nce_weight))
+    assert any((d.feature_weight, d.data2vec_weight, d.logits_weight, d.attention_weight, d.nce_weight,
+                d.embedding_weight))
 
 
 @pytest.mark.parametrize("path", TEACHER_RECIPES, ids=[p.name for p in TEACHER_RECIPES])

@@ -52,3 +52,18 @@ def sample_keys(inputs: dict[str, torch.Tensor], spec_repr: str, fingerprint: st
             h.update(row_bytes(row))
         keys.append(h.hexdigest())
     return keys
+
+
+def text_keys(texts, spec_repr: str, fingerprint: str) -> list[str]:
+    """One sha256 hex per raw text a teacher tokenizes itself (``TargetsRequest.texts``).
+
+    Hashed: ``fingerprint=<fingerprint>\\n``, ``spec=<spec_repr>\\n``, ``text\\n`` and the text's UTF-8
+    bytes. The teacher's tokenization and padding are its own (the fingerprint covers its tokenizer), so a
+    text's key depends on nothing else: any batching, order or seed of the same texts finds it."""
+    head = f"fingerprint={fingerprint}\nspec={spec_repr}\ntext\n".encode()
+    keys = []
+    for t in texts:
+        h = hashlib.sha256(head)
+        h.update(t.encode("utf-8") if isinstance(t, str) else bytes(t))
+        keys.append(h.hexdigest())
+    return keys

@@ -2,6 +2,7 @@
 with the TEACHER's tokenizer by :func:`collate_text`."""
 from __future__ import annotations
 
+import hashlib
 import re
 import zlib
 from pathlib import Path
@@ -100,13 +101,21 @@ def wordnet(
     parts: Sequence[str] = WORDNET_PARTS,
     include: Sequence[str] = ("definitions", "examples"),
     min_words: int = 2,
+    max_sentences: int | None = None,
 ) -> SentenceDataset:
     """English sentences from WordNet 3.0 glosses (Debian's wordnet-base): definitions and usage
-    examples, deduplicated, fragments shorter than ``min_words`` dropped, split by text hash."""
+    examples, deduplicated, fragments shorter than ``min_words`` dropped, split by text hash.
+    ``max_sentences``: a fixed subset of the split, chosen by text hash (the same whatever the job's
+    seed, so several seeds train on the same sentences, e.g. from one precomputed target store)."""
     sentences = [
         s for g in read_wordnet_glosses(root, parts) for s in gloss_sentences(g, include) if len(s.split()) >= min_words
     ]
-    return SentenceDataset(split_sentences(sentences, split, held_out_fraction))
+    kept = split_sentences(sentences, split, held_out_fraction)
+    if max_sentences is not None and max_sentences < len(kept):
+        ranked = sorted(kept, key=lambda s: hashlib.sha256(s.encode("utf-8")).digest())[:max_sentences]
+        chosen = set(ranked)
+        kept = [s for s in kept if s in chosen]  # file order kept
+    return SentenceDataset(kept)
 
 
 @register("dataset", "text_file")
@@ -119,15 +128,19 @@ def text_file(path: str, split: str = "all", held_out_fraction: float = 0.05) ->
     return SentenceDataset(split_sentences([l for l in lines if l], split, held_out_fraction))
 
 
-def collate_text(tokenizer: Any, max_length: int = 128) -> Callable[[list], dict[str, Tensor]]:
+def collate_text(tokenizer: Any, max_length: int = 128, keep_texts: bool = False) -> Callable[[list], dict[str, Any]]:
     """A DataLoader ``collate_fn`` tokenizing a batch of sentences (``str`` or ``{"text": str}``)
     with the TEACHER's tokenizer (an object, or a name for :func:`load_tokenizer`), padded to the
-    longest and truncated to ``max_length``: ``{"input_ids", "attention_mask"}``, both (B, T) int64."""
+    longest and truncated to ``max_length``: ``{"input_ids", "attention_mask"}``, both (B, T) int64.
+    ``keep_texts``: also ``"texts"``, the sentences themselves (for a teacher that tokenizes them)."""
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
 
-    def collate(batch: list) -> dict[str, Tensor]:
+    def collate(batch: list) -> dict[str, Any]:
         texts = [b["text"] if isinstance(b, dict) else b for b in batch]
         enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return {k: enc[k].to(torch.int64) for k in ("input_ids", "attention_mask")}
+        out: dict[str, Any] = {k: enc[k].to(torch.int64) for k in ("input_ids", "attention_mask")}
+        if keep_texts:
+            out["texts"] = texts
+        return out
 
     return collate

@@ -111,6 +111,10 @@ class Distiller(nn.Module):
                              f"({', '.join(registry.names('logits_loss_topk'))}), not {cfg.logits_loss!r}")
         if (cfg.logits_weight > 0) and info.num_classes == 0:
             raise ValueError("distill.logits_weight > 0 but the teacher has no classification head")
+        self.pooled = cfg.embedding_weight > 0 and cfg.embedding_target == "pooled"
+        if self.pooled and (cfg.feature_weight > 0 or cfg.nce_weight > 0 or cfg.attention_weight > 0):
+            raise ValueError("distill.embedding_target pooled: one request carries one hidden reduction (mean), so "
+                             "feature_weight, nce_weight and attention_weight must be 0")
         if not any((cfg.feature_weight, cfg.data2vec_weight, cfg.logits_weight, cfg.attention_weight,
                     cfg.nce_weight, cfg.embedding_weight, cfg.task_weight)):
             raise ValueError("distill: every weight is 0; nothing to train")
@@ -153,6 +157,8 @@ class Distiller(nn.Module):
                 layers.add(t.num_layers)
             if layers:
                 hidden[tm] = sorted(layers)
+            if self.pooled:
+                reduction = "mean"  # the teacher's own sentence embedding: (B, D) per block
             if c.attention_weight > 0 and m in self.attention_modules and m in layerwise:
                 attention[tm] = [t.num_layers] if c.attention_kind == "per_head" else sorted({tl for _, tl in self.pairs[m]})
         return wire.target_spec(
@@ -265,9 +271,16 @@ class Distiller(nn.Module):
     def _embedding(self, m, tm, v: ModuleView, targets):
         """The embedding a sentence encoder is used through: the masked mean of the last block's
         tokens (sentence-transformers' pooling), student (projected) vs teacher, by the configured
-        distance (cosine by default: retrieval compares directions)."""
-        key = f"hidden.{tm}.{self.teacher_info[m].num_layers}"
-        teacher = masked_mean_pool(target_like(need_target(targets, key), v.hidden[-1]), v.mask)  # (B, D_t)
+        distance (cosine by default: retrieval compares directions). ``embedding_target`` pooled: the
+        teacher pooled its own tokens already (a (B, D_t) target)."""
+        key = f"{'pooled' if self.pooled else 'hidden'}.{tm}.{self.teacher_info[m].num_layers}"
+        if self.pooled:
+            teacher = need_target(targets, key).to(v.hidden[-1].device, torch.float32)  # (B, D_t)
+            if teacher.dim() != 2 or teacher.shape[0] != v.hidden[-1].shape[0]:
+                raise ValueError(f"teacher target {key} {tuple(teacher.shape)}: a pooled embedding is (B, D) with B "
+                                 f"{v.hidden[-1].shape[0]}; was it requested with hidden_reduction mean?")
+        else:
+            teacher = masked_mean_pool(target_like(need_target(targets, key), v.hidden[-1]), v.mask)  # (B, D_t)
         student = masked_mean_pool(self.emb_proj[m](v.hidden[-1]), v.mask)  # (B, D_t)
         return feature_loss(student, teacher, self.cfg.embedding_kind)
 

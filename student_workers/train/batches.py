@@ -52,13 +52,16 @@ def make_collate(cfg: JobConfig):
 
         return collate_image_text(cfg.data.tokenizer, cfg.data.max_length)
     if cfg.student.kind == "hf_text":
-        return collate_text(cfg.data.tokenizer, cfg.data.max_length)
+        return collate_text(cfg.data.tokenizer, cfg.data.max_length, keep_texts=cfg.data.teacher_text)
     return None
 
 
 def teacher_inputs(batch: dict, teacher_image_size: tuple[int, int] | None) -> dict[str, torch.Tensor]:
     """Exactly the view and tokens the student trains on (images resized to the teacher's size
-    when they differ): DistillVLM's input alignment."""
+    when they differ): DistillVLM's input alignment. A batch with ``texts`` (data.teacher_text): the
+    texts alone, which the teacher tokenizes itself."""
+    if "texts" in batch:
+        return {"texts": batch["texts"]}
     out = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
     if "pixel_values" in batch and teacher_image_size is not None:
         out["pixel_values"] = align_images(batch["pixel_values"], teacher_image_size)

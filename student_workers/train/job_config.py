@@ -141,6 +141,10 @@ class DistillSection(Strict):
         0.0, ge=0, description="Weight of the pooled-embedding loss: masked mean of the last block, student (projected) "
         "vs teacher, what a sentence encoder is used through.")
     embedding_kind: str = Field("cosine", description="Distance of the embedding loss (registry kind feature_distance).")
+    embedding_target: Literal["tokens", "pooled"] = Field(
+        "tokens", description="What the embedding loss asks the teacher for: tokens (its last block, pooled over the "
+        "student's mask: same tokenizer only) or pooled (its own sentence embedding, hidden_reduction mean over its own "
+        "tokens: (B, D), T times fewer bytes; what a teacher given raw texts, data.teacher_text, can serve).")
     attention_weight: float = Field(
         0.0, ge=0, description="Weight of attention-map distillation (docs/methods.md#attention-maps).")
     attention_kind: str = Field(
@@ -173,7 +177,12 @@ class DataSection(Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Dataset arguments (e.g. path, size).")
     batch_size: int = Field(32, ge=1, description="Samples per worker per step.")
     max_length: int = Field(32, ge=2, description="Text: tokens per sentence (teacher's tokenizer).")
-    tokenizer: str = Field("minilm", description="Text: the TEACHER's tokenizer (minilm, mpnet or a local HF dir).")
+    tokenizer: str = Field("minilm", description="Text: the TEACHER's tokenizer (minilm, mpnet or a local HF dir); "
+                           "with teacher_text, the student's.")
+    teacher_text: bool = Field(
+        False, description="Text: send the teacher the raw texts (it tokenizes them with its own tokenizer; for a "
+        "teacher whose tokenizer is not the student's). Only sentence-level targets then: distill.embedding_target "
+        "pooled (and logits).")
     eval_samples: int = Field(256, ge=0, description="Held-out samples for the final student-vs-teacher comparison.")
 
 
@@ -221,6 +230,23 @@ class JobConfig(Strict):
         default_factory=DownstreamConfig,
         description="Downstream evaluation at the end of a text run (teacher vs distilled vs no-KD twin vs random "
         "init); the same as python -m student_workers.eval.evaluate --run <run dir>.")
+
+    @model_validator(mode="after")
+    def _text_in(self) -> "JobConfig":
+        """Raw texts give the teacher its own tokens: no target lines up with the student's tokens."""
+        d = self.distill
+        if not self.data.teacher_text:
+            return self
+        token_level = {"feature_weight": d.feature_weight, "attention_weight": d.attention_weight,
+                       "nce_weight": d.nce_weight, "data2vec_weight": d.data2vec_weight}
+        on = [k for k, v in token_level.items() if v > 0]
+        if on:
+            raise ValueError(f"data.teacher_text: distill.{on[0]} > 0 needs token-level targets, which a teacher that "
+                             "tokenizes the texts itself cannot align with the student's tokens; set it to 0")
+        if d.embedding_weight > 0 and d.embedding_target != "pooled":
+            raise ValueError("data.teacher_text: distill.embedding_target must be pooled (the teacher's own sentence "
+                             "embedding); tokens would pool the teacher's tokens with the student's mask")
+        return self
 
     @model_validator(mode="after")
     def _store_one_spec(self) -> "JobConfig":

@@ -19,9 +19,10 @@ from typing import Any, Mapping
 import torch
 from google.protobuf.json_format import MessageToDict, ParseDict
 
-from kdserve.store import Manifest, StoreError, TargetStore, sample_keys, spec_repr
+from kdserve.store import Manifest, StoreError, TargetStore, spec_repr
 from kdserve.store.location import MANIFEST, Location
 from kdserve.v1 import teacher_pb2 as pb
+from student_workers.train.text_in import keys_of, on_cpu, take_rows
 
 
 class StoreKeyMissing(StoreError):
@@ -85,11 +86,6 @@ def stack_rows(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {name: torch.stack([r[name] for r in rows]) for name in rows[0]} if rows else {}
 
 
-def take(inputs: Mapping[str, torch.Tensor], index: list[int]) -> dict[str, torch.Tensor]:
-    ix = torch.tensor(index, dtype=torch.long)
-    return {k: v.index_select(0, ix) for k, v in inputs.items()}
-
-
 class StoreSubmitter:
     """A ``Submitter`` answering from ``store``; ``teacher`` (a client's ``submit``) fills misses.
 
@@ -109,13 +105,13 @@ class StoreSubmitter:
         self.hits = self.misses = 0
 
     def submit(self, inputs: Mapping[str, torch.Tensor], spec: pb.TargetSpec, *args: Any) -> concurrent.futures.Future:
-        """The batch's targets, read (and keyed: ``sample_keys``' sha256 per row) on this submitter's
+        """The batch's targets, read (and keyed: ``keys_of``' sha256 per row) on this submitter's
         threads, off the caller's."""
-        inputs = {k: v.detach().cpu() for k, v in inputs.items()}
+        inputs = on_cpu(inputs)  # tensors, or {"texts": [...]} (data.teacher_text)
         return self._pool.submit(self._targets, inputs, spec)
 
     def _targets(self, inputs: dict[str, torch.Tensor], spec: pb.TargetSpec) -> dict[str, torch.Tensor]:
-        keys = sample_keys(inputs, spec_repr(spec), self.fingerprint)
+        keys = keys_of(inputs, spec_repr(spec), self.fingerprint)
         if self.mode == "write":
             todo = list(range(len(keys)))
         else:  # every key stored: one copy from the shards into the batch's tensors
@@ -132,7 +128,7 @@ class StoreSubmitter:
             raise StoreKeyMissing(f"target store {self.store.uri} has no targets for sample key {keys[todo[0]]} "
                                   f"({len(todo)} of this batch's {len(keys)} missing): precompute this job's targets "
                                   f"(kdserve-precompute --config <job>) or use teacher.store_mode read_through")
-        sub = inputs if len(todo) == len(keys) else take(inputs, todo)
+        sub = inputs if len(todo) == len(keys) else take_rows(inputs, todo)
         got = self.teacher.submit(sub, spec).result()
         fresh = split_rows(got, len(todo))
         self.store.put([keys[i] for i in todo], fresh)

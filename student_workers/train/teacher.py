@@ -67,20 +67,19 @@ class Targets:
         """The Prefetcher's ``Submitter`` for requests of ``spec`` (the job's one spec with a store)."""
         if not needs_teacher:
             return NoTeacher()
+        client = self.client
+        if client is not None and self.cfg.data.teacher_text:
+            from student_workers.train.text_in import TextTeacher
+
+            client = TextTeacher(client)
         if self.cfg.teacher.store is None:
-            return self.client
+            return client
         from student_workers.train.batches import replays_views
         from student_workers.train.store import StoreSubmitter, open_job_store
 
         t = self.cfg.teacher
         store = open_job_store(self.cfg, self.info, spec)
-        if t.store_mode == "read" and replays_views(self.cfg):  # the batches carry their targets
-            from student_workers.train.stored_views import BatchTargets, check_views
-
-            check_views(store, self.cfg.data.dataset)
-            self.views = store
-            return BatchTargets()
-        self.submitter = StoreSubmitter(store, self.info.fingerprint, self.client, t.store_mode,
+        self.submitter = StoreSubmitter(store, self.info.fingerprint, client, t.store_mode,
                                         threads=max(1, t.prefetch_depth), name=t.store)
         return self.submitter
 

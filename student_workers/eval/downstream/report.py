@@ -30,6 +30,7 @@ from student_workers.eval.downstream.wordnet_tasks import (
     lexname_task,
     read_synsets,
     reverse_dictionary,
+    validation_synsets,
 )
 from student_workers.models.base import StudentConfig
 from student_workers.models.build import build_student
@@ -74,16 +75,20 @@ def evaluate_encoder(name: str, student: HFTextStudent, tokenizer, tasks: dict, 
 
 def build_tasks(cfg: DownstreamConfig, held_out_fraction: float) -> dict:
     synsets = read_synsets(held_out_fraction)
+    if cfg.split == "validation":
+        synsets = validation_synsets(synsets, read_synsets(2 * held_out_fraction))
     return {"reverse_dictionary": reverse_dictionary(synsets, cfg.num_candidates, cfg.max_queries, cfg.seed),
             "lexname": lexname_task(synsets, cfg.probe_train, cfg.probe_test, cfg.seed)}
 
 
 def evaluate_models(models: Mapping[str, HFTextStudent], tokenizer, cfg: DownstreamConfig,
-                    held_out_fraction: float = 0.05) -> tuple[list[dict], dict]:
-    """Rows for each named encoder, and a summary of the tasks they were scored on."""
+                    held_out_fraction: float = 0.05, tokenizers: Mapping[str, Any] | None = None) -> tuple[list[dict], dict]:
+    """Rows for each named encoder, and a summary of the tasks they were scored on. ``tokenizers``: a
+    model's own tokenizer where it is not ``tokenizer`` (a teacher with another vocabulary)."""
     torch.manual_seed(cfg.seed)
     tasks = build_tasks(cfg, held_out_fraction)
-    rows = [evaluate_encoder(name, m, tokenizer, tasks, cfg) for name, m in models.items()]
+    own = tokenizers or {}
+    rows = [evaluate_encoder(name, m, own.get(name, tokenizer), tasks, cfg) for name, m in models.items()]
     rd, lex = tasks["reverse_dictionary"], tasks["lexname"]
     info = {"reverse_dictionary": {"queries": len(rd.queries), "candidates": len(rd.candidates)},
             "lexname": {"train": len(lex.train_texts), "test": len(lex.test_texts), "classes": lex.num_classes,
@@ -127,17 +132,19 @@ def evaluate_run(run_dir: str | Path, cfg: DownstreamConfig | None = None, teach
     if s_cfg.kind != "hf_text":
         raise ValueError(f"downstream evaluation covers text students (hf_text); this run's student is {s_cfg.kind!r}")
     seed = int(run_cfg.get("train", {}).get("seed", 0))
-    tokenizer = load_tokenizer(run_cfg.get("data", {}).get("tokenizer", "minilm"))
+    tokenizer = load_tokenizer(run_cfg.get("data", {}).get("tokenizer", "minilm"))  # the student's
+    teacher = teacher or _teacher_name(run_cfg)
     distilled, step = load_student(run_dir, checkpoint)
     twin = initial_student(run_cfg)
     torch.manual_seed(seed)
     random_cfg = random_init_config(s_cfg)
     twin_is_random = random_cfg == s_cfg  # nothing copied or pretrained: the twin IS the random init
-    models = {"teacher": teacher_as_student(teacher or _teacher_name(run_cfg)),
+    models = {"teacher": teacher_as_student(teacher),
               f"distilled (step {step})": distilled, "no-KD twin (init, untrained)": twin}
     if not twin_is_random:
         models["random init"] = build_student(random_cfg)
-    rows, info = evaluate_models(models, tokenizer, cfg, _held_out_fraction(run_cfg, cfg))
+    rows, info = evaluate_models(models, tokenizer, cfg, _held_out_fraction(run_cfg, cfg),
+                                 tokenizers={"teacher": load_tokenizer(teacher)})  # the teacher's own tokens
     if twin_is_random:
         rows.append({**rows[-1], "model": "random init (= twin)"})
     if write:

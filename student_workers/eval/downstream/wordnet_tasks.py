@@ -91,6 +91,16 @@ def read_synsets(
     return out
 
 
+def validation_synsets(at: Sequence[Synset], at_twice: Sequence[Synset]) -> list[Synset]:
+    """The validation view of the synsets: the test synsets (held out at ``f``, ``at``) left out entirely,
+    ``held_out`` marking those held out at ``2 f`` (``at_twice``: the same synsets in the same order). Tuning
+    on it never touches a test synset, not even as probe training data; the run must train at
+    ``held_out_fraction = 2 f`` so it never saw the validation synsets either."""
+    if len(at) != len(at_twice):
+        raise ValueError(f"validation_synsets: {len(at)} and {len(at_twice)} synsets; read them from the same files")
+    return [t for s, t in zip(at, at_twice) if not s.held_out]
+
+
 def mentions(text: str, word: str) -> bool:
     """Whole-word, case-insensitive: does the definition give its own answer away?"""
     return re.search(rf"(?<![\w-]){re.escape(word.lower())}(?![\w-])", text.lower()) is not None

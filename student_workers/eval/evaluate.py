@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--run", required=True, help="run dir written by distill_job.py (config.yaml, checkpoint_*/)")
     p.add_argument("--checkpoint", default=None, help="a state.pt to evaluate instead of the latest")
     p.add_argument("--teacher", default=None, help="teacher encoder ('minilm' or a local HF dir); default from the run")
+    p.add_argument("--rows", default="teacher,distilled,twin,random",
+                   help="which rows, comma-separated (a part writes eval_<rows>[_<split>].json, not eval.json)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="DownstreamConfig override, e.g. num_candidates=5000, finetune_steps=0")
     return p.parse_args(argv)
@@ -91,12 +93,13 @@ def main(argv=None) -> int:
         return 2
     t0 = time.time()
     try:
-        rows = evaluate_run(args.run, cfg, teacher=args.teacher, checkpoint=args.checkpoint)
+        rows = evaluate_run(args.run, cfg, teacher=args.teacher, checkpoint=args.checkpoint,
+                            rows=tuple(r.strip() for r in args.rows.split(",") if r.strip()))
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_table(rows))
-    print(f"wrote {args.run}/eval.json ({time.time() - t0:.0f}s)")
+    print(f"wrote {args.run} eval ({time.time() - t0:.0f}s)")
     return 0
 
 

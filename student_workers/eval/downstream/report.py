@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,14 +117,32 @@ def _teacher_name(run_cfg: dict) -> str:
     return run_cfg.get("data", {}).get("tokenizer", "minilm")
 
 
+ROWS = ("teacher", "distilled", "twin", "random")  # evaluate_run's rows, in table order
+
+
+def eval_file(run_dir: Path, rows: Sequence[str], split: str) -> Path:
+    """``eval.json`` for the whole table on the test split; else named by its rows and split (a part of
+    the table, or the validation band, never overwrites the full test table)."""
+    from student_workers.train.run_dir import eval_path
+
+    whole = eval_path(run_dir)
+    if tuple(rows) == ROWS and split == "test":
+        return whole
+    return whole.with_name(f"{whole.stem}_{'_'.join(rows)}{'_' + split if split != 'test' else ''}.json")
+
+
 def evaluate_run(run_dir: str | Path, cfg: DownstreamConfig | None = None, teacher: str | None = None,
-                 checkpoint: str | Path | None = None, write: bool = True) -> list[dict]:
-    """Evaluate a text run's latest checkpoint against teacher, no-KD twin and random init;
-    writes ``<run dir>/eval.json`` (rows + task sizes + config) and returns the rows."""
+                 checkpoint: str | Path | None = None, write: bool = True, rows: Sequence[str] = ROWS) -> list[dict]:
+    """Evaluate a text run's latest checkpoint against teacher, no-KD twin and random init (``rows``: a
+    part of them); writes ``<run dir>/eval.json`` (rows + task sizes + config; ``eval_file``) and
+    returns the rows."""
     from student_workers.data.tokenizer import load_tokenizer
     from student_workers.models.from_run import initial_student, load_student, student_config
-    from student_workers.train.run_dir import eval_path, read_config
+    from student_workers.train.run_dir import read_config
 
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        raise ValueError(f"rows: unknown {unknown}; choose from {', '.join(ROWS)}")
     cfg = cfg or DownstreamConfig()
     run_dir = Path(run_dir)
     run_cfg = read_config(run_dir)
@@ -134,23 +152,24 @@ def evaluate_run(run_dir: str | Path, cfg: DownstreamConfig | None = None, teach
     seed = int(run_cfg.get("train", {}).get("seed", 0))
     tokenizer = load_tokenizer(run_cfg.get("data", {}).get("tokenizer", "minilm"))  # the student's
     teacher = teacher or _teacher_name(run_cfg)
-    distilled, step = load_student(run_dir, checkpoint)
-    twin = initial_student(run_cfg)
+    distilled, step = load_student(run_dir, checkpoint) if "distilled" in rows else (None, None)
     torch.manual_seed(seed)
     random_cfg = random_init_config(s_cfg)
     twin_is_random = random_cfg == s_cfg  # nothing copied or pretrained: the twin IS the random init
-    models = {"teacher": teacher_as_student(teacher),
-              f"distilled (step {step})": distilled, "no-KD twin (init, untrained)": twin}
-    if not twin_is_random:
-        models["random init"] = build_student(random_cfg)
-    rows, info = evaluate_models(models, tokenizer, cfg, _held_out_fraction(run_cfg, cfg),
-                                 tokenizers={"teacher": load_tokenizer(teacher)})  # the teacher's own tokens
-    if twin_is_random:
-        rows.append({**rows[-1], "model": "random init (= twin)"})
+    make = {"teacher": ("teacher", lambda: teacher_as_student(teacher)),
+            "distilled": (f"distilled (step {step})", lambda: distilled),
+            "twin": ("no-KD twin (init, untrained)", lambda: initial_student(run_cfg)),
+            "random": ("random init", lambda: None if twin_is_random else build_student(random_cfg))}
+    models = {make[r][0]: make[r][1]() for r in ROWS if r in rows}
+    models = {name: m for name, m in models.items() if m is not None}
+    out_rows, info = evaluate_models(models, tokenizer, cfg, _held_out_fraction(run_cfg, cfg),
+                                     tokenizers={"teacher": load_tokenizer(teacher)})  # the teacher's own tokens
+    if twin_is_random and "random" in rows and "twin" in rows:
+        out_rows.append({**out_rows[-1], "model": "random init (= twin)"})
     if write:
-        out = {"rows": rows, "tasks": info, "config": cfg.model_dump(), "step": step, "run_dir": str(run_dir)}
-        eval_path(run_dir).write_text(json.dumps(out, indent=2))
-    return rows
+        out = {"rows": out_rows, "tasks": info, "config": cfg.model_dump(), "step": step, "run_dir": str(run_dir)}
+        eval_file(run_dir, rows, cfg.split).write_text(json.dumps(out, indent=2))
+    return out_rows
 
 
 def format_table(rows: list[dict]) -> str:

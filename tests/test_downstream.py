@@ -191,6 +191,23 @@ def test_cli_writes_eval_json(tmp_path, capsys):
     assert main(["--run", str(tmp_path / "run"), "--set", "bogus=1"]) == 2
 
 
+def test_cli_rows_and_validation_split_write_beside_eval_json(tmp_path):
+    from student_workers.eval.evaluate import main
+
+    write_run(tmp_path / "run", {"kind": "hf_text", "init_from": "minilm", "num_layers": 1, "init_layers": [6]})
+    sets = ["num_candidates=60", "max_queries=30", "probe_train=90", "probe_test=45", "finetune_steps=0"]
+    args = ["--run", str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)]]
+    assert main([*args, "--rows", "distilled"]) == 0
+    assert main([*args, "--rows", "distilled,twin", "--set", "split=validation"]) == 0
+    assert not (tmp_path / "run" / "eval.json").exists()
+    only = json.loads((tmp_path / "run" / "eval_distilled.json").read_text())
+    assert [r["model"] for r in only["rows"]] == ["distilled (step 7)"]
+    val = json.loads((tmp_path / "run" / "eval_distilled_twin_validation.json").read_text())
+    assert [r["model"] for r in val["rows"]] == ["distilled (step 7)", "no-KD twin (init, untrained)"]
+    assert val["config"]["split"] == "validation"
+    assert main([*args, "--rows", "bogus"]) == 1
+
+
 @pytest.mark.unit
 def test_format_table_lists_every_row():
     rows = [{"model": "a", "recall@1": 0.5, "params": 1000}, {"model": "bb", "recall@10": float("nan")}]

@@ -51,9 +51,12 @@ def job(**over) -> dict:
 def test_teacher_text_refuses_token_level_targets():
     build(JobConfig, job())  # sentence-level only: fine
     with pytest.raises(Exception, match="data.teacher_text: distill.feature_weight > 0 needs token-level"):
-        build(JobConfig, job(distill={"feature_weight": 1.0}))
+        build(JobConfig, job(distill={"feature_weight": 1.0, "embedding_target": "tokens"}))
     with pytest.raises(Exception, match="embedding_target must be pooled"):
         build(JobConfig, job(distill={"embedding_target": "tokens"}))
+    with pytest.raises(Exception, match="embedding_target pooled: one request .* nce_weight must be 0"):
+        build(DistillSection, {"embedding_weight": 1.0, "embedding_target": "pooled", "feature_weight": 0.0,
+                               "nce_weight": 1.0})
 
 
 @pytest.fixture(scope="module")

@@ -111,10 +111,7 @@ class Distiller(nn.Module):
                              f"({', '.join(registry.names('logits_loss_topk'))}), not {cfg.logits_loss!r}")
         if (cfg.logits_weight > 0) and info.num_classes == 0:
             raise ValueError("distill.logits_weight > 0 but the teacher has no classification head")
-        self.pooled = cfg.embedding_weight > 0 and cfg.embedding_target == "pooled"
-        if self.pooled and (cfg.feature_weight > 0 or cfg.nce_weight > 0 or cfg.attention_weight > 0):
-            raise ValueError("distill.embedding_target pooled: one request carries one hidden reduction (mean), so "
-                             "feature_weight, nce_weight and attention_weight must be 0")
+        self.pooled = cfg.embedding_weight > 0 and cfg.embedding_target == "pooled"  # DistillSection checks the rest
         if not any((cfg.feature_weight, cfg.data2vec_weight, cfg.logits_weight, cfg.attention_weight,
                     cfg.nce_weight, cfg.embedding_weight, cfg.task_weight)):
             raise ValueError("distill: every weight is 0; nothing to train")
@@ -144,7 +141,7 @@ class Distiller(nn.Module):
         layerwise = [m for m in self.modules_ if arm is None or m in arm]
         hidden: dict[str, list[int]] = {}
         attention: dict[str, list[int]] = {}
-        reduction = "none"
+        reduction = "mean" if self.pooled else "none"  # mean: the teacher's own sentence embedding, (B, D)
         for m in self.modules_:
             tm, t = m, self.teacher_info[m]
             if c.data2vec_weight > 0:
@@ -157,8 +154,6 @@ class Distiller(nn.Module):
                 layers.add(t.num_layers)
             if layers:
                 hidden[tm] = sorted(layers)
-            if self.pooled:
-                reduction = "mean"  # the teacher's own sentence embedding: (B, D) per block
             if c.attention_weight > 0 and m in self.attention_modules and m in layerwise:
                 attention[tm] = [t.num_layers] if c.attention_kind == "per_head" else sorted({tl for _, tl in self.pairs[m]})
         return wire.target_spec(
@@ -275,10 +270,7 @@ class Distiller(nn.Module):
         teacher pooled its own tokens already (a (B, D_t) target)."""
         key = f"{'pooled' if self.pooled else 'hidden'}.{tm}.{self.teacher_info[m].num_layers}"
         if self.pooled:
-            teacher = need_target(targets, key).to(v.hidden[-1].device, torch.float32)  # (B, D_t)
-            if teacher.dim() != 2 or teacher.shape[0] != v.hidden[-1].shape[0]:
-                raise ValueError(f"teacher target {key} {tuple(teacher.shape)}: a pooled embedding is (B, D) with B "
-                                 f"{v.hidden[-1].shape[0]}; was it requested with hidden_reduction mean?")
+            teacher = target_like(need_target(targets, key), v.hidden[-1][:, 0])  # (B, D_t): pooled by the teacher
         else:
             teacher = masked_mean_pool(target_like(need_target(targets, key), v.hidden[-1]), v.mask)  # (B, D_t)
         student = masked_mean_pool(self.emb_proj[m](v.hidden[-1]), v.mask)  # (B, D_t)

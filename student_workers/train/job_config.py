@@ -157,6 +157,17 @@ class DistillSection(Strict):
     nce_mean_pooled: bool = Field(False, description="One NCE per sample on mean-pooled tokens instead of per token.")
     optima: OptimaSection = Field(default_factory=OptimaSection)
 
+    @model_validator(mode="after")
+    def _pooled_alone(self) -> "DistillSection":
+        """One request carries one hidden reduction: the teacher's mean leaves no tokens for other terms."""
+        token_terms = {"feature_weight": self.feature_weight, "nce_weight": self.nce_weight,
+                       "attention_weight": self.attention_weight, "data2vec_weight": self.data2vec_weight}
+        on = [k for k, w in token_terms.items() if w > 0]
+        if self.embedding_weight > 0 and self.embedding_target == "pooled" and on:
+            raise ValueError(f"distill.embedding_target pooled: one request carries one hidden reduction (mean), so "
+                             f"{on[0]} must be 0")
+        return self
+
     @field_validator("feature_kind", "embedding_kind", "layer_map", "logits_loss", "attention_kind")
     @classmethod
     def _registered(cls, v: str, info) -> str:

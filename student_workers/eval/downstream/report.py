@@ -162,8 +162,9 @@ def evaluate_run(run_dir: str | Path, cfg: DownstreamConfig | None = None, teach
             "random": ("random init", lambda: None if twin_is_random else build_student(random_cfg))}
     models = {make[r][0]: make[r][1]() for r in ROWS if r in rows}
     models = {name: m for name, m in models.items() if m is not None}
+    own = run_cfg.get("data", {}).get("teacher_text")  # data.tokenizer is then the student's, not the teacher's
     out_rows, info = evaluate_models(models, tokenizer, cfg, _held_out_fraction(run_cfg, cfg),
-                                     tokenizers={"teacher": load_tokenizer(teacher)})  # the teacher's own tokens
+                                     tokenizers={"teacher": load_tokenizer(teacher)} if own else None)
     if twin_is_random and "random" in rows and "twin" in rows:
         out_rows.append({**out_rows[-1], "model": "random init (= twin)"})
     if write:

@@ -26,14 +26,20 @@ def run_job(cfg, ray_address: str | None = None, skip_eval: bool = False) -> int
     dump(cfg, config_path(run_dir))
     start_ray(cfg, ray_address)
     check_worker_placement(cfg)  # the teacher's is checked as it is deployed
-    address, info = job_teacher(cfg, run_dir)
+    addresses = None
+    if cfg.teachers:
+        from kdjob.several import several_teachers
+
+        address, info, addresses = several_teachers(cfg, run_dir)
+    else:
+        address, info = job_teacher(cfg, run_dir)
     text = cfg.student.kind == "hf_text"
     if cfg.teacher.reads_store_only and not text and not skip_eval:
         print("no student-vs-teacher comparison in store mode read (no teacher to compare with)", flush=True)
         skip_eval = True
     before = None if skip_eval or text else evaluate(cfg, address, info)
     try:
-        result = fit(cfg, address, run_dir)
+        result = fit(cfg, address, run_dir, addresses=addresses)
         error = result.error
     except TeacherGone:
         raise

@@ -14,8 +14,9 @@ class TeacherGone(RuntimeError):
     the run was stopped instead of restarted. ``str()`` is the worker's one line."""
 
 
-def fit(cfg, address: str, run_dir: Path, poll_s: float = 0.5):
+def fit(cfg, address: str, run_dir: Path, poll_s: float = 0.5, addresses: dict[str, str] | None = None):
     """Run the Ray Train job; a run dir with checkpoints of the same run name is resumed.
+    ``addresses``: every teacher's, by name, for a job with several (``address``: the default one's).
 
     Returns Ray Train's Result. Raises ``TeacherGone`` (after stopping every worker) when a worker
     reports the teacher gone or changed: a restart would only wait out the retry budget again.
@@ -38,7 +39,7 @@ def fit(cfg, address: str, run_dir: Path, poll_s: float = 0.5):
     signal = AbortSignal.options(scheduling_strategy=here).remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": cfg.model_dump(mode="json"), "address": address, "run_dir": str(run_dir),
+        train_loop_config={"job": cfg.model_dump(mode="json"), "address": address, "addresses": addresses, "run_dir": str(run_dir),
                            "abort": signal, "auth": ray.put(token) if token else None},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker,

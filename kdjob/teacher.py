@@ -19,6 +19,10 @@ def check_job(cfg):
     """
     from student_workers.train.check import check_student_side
 
+    if cfg.teachers:
+        from kdjob.several import check_several
+
+        return check_several(cfg)
     if cfg.teacher.reads_store_only:  # every target from the store: no teacher is contacted
         from kdjob.targets import check_store, check_views, store_info
 
@@ -38,7 +42,10 @@ def check_job(cfg):
 
         job_token(cfg)  # an unreadable token file costs seconds, not a cluster start
         info = describe_config(cfg.teacher.local, "teacher.local")
-    distiller = check_student_side(cfg, info)
+    from kdjob.several import check_terms
+
+    texts = check_terms(cfg, {cfg.teacher_name: info})
+    distiller = check_student_side(cfg, info, texts=texts)
     if cfg.teacher.store:
         from kdjob.targets import check_store
 
@@ -46,7 +53,7 @@ def check_job(cfg):
     return info
 
 
-def job_token(cfg) -> str:
+def job_token(cfg, section=None) -> str:
     """The bearer token of the embedded teacher: the user's own (``teacher.local.serve.auth_token_file``,
     else ``teacher.auth_token_file``, else ``$KDSERVE_AUTH_TOKEN``), else a new random one.
 
@@ -58,8 +65,9 @@ def job_token(cfg) -> str:
     from kdserve.config import ConfigError
 
     found = {}
-    for field, path in (("teacher.local.serve.auth_token_file", cfg.teacher.local.serve.auth_token_file),
-                        ("teacher.auth_token_file", cfg.teacher.auth_token_file)):
+    t = section or cfg.teacher
+    for field, path in (("teacher.local.serve.auth_token_file", t.local.serve.auth_token_file),
+                        ("teacher.auth_token_file", t.auth_token_file)):
         if path:
             try:
                 found[field] = auth.load_token(path)
@@ -111,19 +119,24 @@ def teacher_address(cfg) -> str:
     """
     if cfg.teacher.address:
         return cfg.teacher.address
-    import ray
-
-    from kdserve import auth
-    from teacher_server.serve_app import deploy
-
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve", "Application ready", ...
     check_port_free(cfg.teacher.host, cfg.teacher.grpc_port)
     print(f"deploying the local teacher {cfg.teacher.local.model} on Ray Serve (gRPC :{cfg.teacher.grpc_port})...",
           flush=True)
-    host = cfg.teacher.host
-    token = job_token(cfg)
+    return deploy_local(cfg, cfg.teacher, job_token(cfg))
+
+
+def deploy_local(cfg, section, token: str, name: str | None = None, field: str = "teacher") -> str:
+    """Deploy ``section.local`` on Ray Serve (gRPC on ``section.grpc_port``) behind ``token``; its address.
+    ``name``: the Serve application's (several teachers: routed by it, ``grpc://host:port/<name>``)."""
+    import ray
+
+    from kdserve import auth
+    from teacher_server.serve_app import APP_NAME, deploy
+
+    host = section.host
     os.environ[auth.ENV_VAR] = token  # describe(), evaluate() and fit() of this driver read it
-    local, replica_env_token = cfg.teacher.local, None
+    local, replica_env_token = section.local, None
     if local.serve.auth_token_file:  # the replicas run in other processes (other directories)
         local = local.updated("serve", auth_token_file=str(Path(local.serve.auth_token_file).resolve()))
     elif SESSION.own_cluster:
@@ -132,17 +145,19 @@ def teacher_address(cfg) -> str:
         replica_env_token = token
     if local.serve.direct_host == "127.0.0.1":  # the default: the replicas' endpoints as reachable as the proxy
         local = local.updated("serve", direct_host=host)
-    deploy(local, grpc_port=cfg.teacher.grpc_port, http_port=cfg.teacher.grpc_port + 1, host=host,
-           auth_token=replica_env_token, field_prefix="teacher.local.")
+    deploy(local, grpc_port=section.grpc_port, http_port=section.grpc_port + 1, host=host,
+           auth_token=replica_env_token, field_prefix=f"{field}.local.", name=name or APP_NAME,
+           route_prefix=f"/{name}" if name else "/")
     SESSION.deployed_teacher = True
     reach = host if host not in ("0.0.0.0", "::") else ray.util.get_node_ip_address()
-    return f"grpc://{reach}:{cfg.teacher.grpc_port}"
+    return f"grpc://{reach}:{section.grpc_port}" + (f"/{name}" if name else "")
 
 
-def describe(address: str, cfg):
+def describe(address: str, cfg, section=None):
     from student_workers.train.teacher import teacher_client
 
     # Before any cluster starts a missing teacher should cost seconds, not the whole retry budget.
-    with teacher_client(cfg, address, cfg.run.name, timeout=min(30.0, cfg.teacher.timeout_s),
-                        retry_budget_s=min(15.0, cfg.teacher.retry_budget_s)) as c:
+    t = section or cfg.teacher
+    with teacher_client(cfg, address, cfg.run.name, t, timeout=min(30.0, t.timeout_s),
+                        retry_budget_s=min(15.0, t.retry_budget_s)) as c:
         return c.describe()

@@ -58,9 +58,14 @@ def build_architecture(cfg: TeacherConfig, field: str = "teacher") -> TeacherAda
 
 def describe_config(cfg: TeacherConfig, field: str = "teacher") -> pb.TeacherInfo:
     """What ``Describe`` will answer once the teacher runs (modules, depths, inputs, classes),
-    computed from the config alone. The fingerprint needs the weights and is left empty."""
+    computed from the config alone, with the tokenizer of a text teacher that ships one. The
+    fingerprint needs the weights and is left empty."""
+    from teacher_server.texts import TextInputs
+
     adapter = build_architecture(cfg, field)
+    texts = TextInputs.of(adapter)
     return pb.TeacherInfo(
+        tokenizer=texts.info() if texts is not None else None,
         model_name=adapter.model_name,
         modules=[pb.ModuleInfo(**m.__dict__) for m in adapter.modules],
         inputs=[pb.InputInfo(name=i.name, dtype=i.dtype, shape=list(i.shape), required=i.required, doc=i.doc)

@@ -15,14 +15,15 @@ from student_workers.train.job_config import JobConfig
 
 
 def batches(cfg: JobConfig, rank: int, world: int, epoch0: int = 0,
-            record_views: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+            record_views: bool = False, keep_texts: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches of this worker's shard, one epoch after another (``record_views``: an image
-    dataset's batches also carry each view's params, ``view.params`` (B, 7): what precompute stores)."""
+    dataset's batches also carry each view's params, ``view.params`` (B, 7): what precompute stores;
+    ``keep_texts``: text batches also carry their sentences, ``"texts"``, as with data.teacher_text)."""
     source = build_dataset(cfg.data.dataset, **cfg.data.kwargs)
     if record_views:
         source.record_views = True
     ds = shard(source, rank, world, even=True)
-    collate = make_collate(cfg)
+    collate = make_collate(cfg, keep_texts)
     epoch = epoch0
     while True:
         if hasattr(ds, "set_epoch"):
@@ -45,22 +46,23 @@ def replays_views(cfg: JobConfig) -> bool:
     return isinstance(ds, RecordedViews) and bool(getattr(ds, "augment", True))
 
 
-def make_collate(cfg: JobConfig):
+def make_collate(cfg: JobConfig, keep_texts: bool = False):
     """Text datasets are tokenized with the TEACHER's tokenizer; image-caption datasets give both."""
     if cfg.data.dataset == "emoji":
         from student_workers.data.emoji import collate_image_text
 
         return collate_image_text(cfg.data.tokenizer, cfg.data.max_length)
     if cfg.student.kind == "hf_text":
-        return collate_text(cfg.data.tokenizer, cfg.data.max_length, keep_texts=cfg.data.teacher_text)
+        return collate_text(cfg.data.tokenizer, cfg.data.max_length, keep_texts=keep_texts or cfg.data.teacher_text)
     return None
 
 
-def teacher_inputs(batch: dict, teacher_image_size: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+def teacher_inputs(batch: dict, teacher_image_size: tuple[int, int] | None,
+                   texts: bool | None = None) -> dict[str, torch.Tensor]:
     """Exactly the view and tokens the student trains on (images resized to the teacher's size
-    when they differ): DistillVLM's input alignment. A batch with ``texts`` (data.teacher_text): the
-    texts alone, which the teacher tokenizes itself."""
-    if "texts" in batch:
+    when they differ): DistillVLM's input alignment. ``texts`` (default: whether the batch carries
+    them, as with data.teacher_text): the texts alone, which the teacher tokenizes itself."""
+    if texts or (texts is None and "texts" in batch):
         return {"texts": batch["texts"]}
     out = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
     if "pixel_values" in batch and teacher_image_size is not None:

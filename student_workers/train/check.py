@@ -16,6 +16,7 @@ from kdserve.config import ConfigError
 from kdserve.v1 import teacher_pb2 as pb
 from student_workers.data.build import build_dataset
 from student_workers.losses.distiller import Distiller
+from student_workers.losses.several import make_distiller
 from student_workers.models.build import build_student
 from student_workers.optima.factory import make_scheduler
 from student_workers.train.job_config import JobConfig
@@ -64,11 +65,16 @@ def _check_hf_name(cfg: JobConfig) -> None:
                           f"did you mean {', '.join(close)}?")
 
 
-def check_student_side(cfg: JobConfig, info: pb.TeacherInfo) -> Distiller:
-    """The job's Distiller as the workers will build it (its ``target_spec`` is what they request)."""
+def check_student_side(cfg: JobConfig, info: pb.TeacherInfo, infos: dict | None = None,
+                       texts: dict | None = None) -> Distiller:
+    """The job's Distiller as the workers will build it (its ``target_spec`` is what they request).
+    ``infos`` / ``texts``: every teacher's TeacherInfo and whether it is sent texts, by name (several
+    teachers: a MultiDistiller, one head per teacher)."""
     student = probe_student(cfg)
+    infos = infos or {cfg.teacher_name: info}
+    texts = texts or {n: False for n in infos}
     try:
-        distiller = Distiller(student, cfg.distill, info)
+        distiller = make_distiller(student, cfg, infos, texts)
         make_scheduler(cfg, distiller)
     except (ValueError, KeyError) as e:
         msg = _first_line(e)

@@ -19,9 +19,16 @@ from student_workers.models.base import StudentConfig
 LOSS_MODULES = (losses,)  # imported for the @register lines of the names the distill section accepts
 
 
+DEFAULT_TEACHER = "teacher"  # the name of `teacher:` when teacher.name is not set
+
+
 class TeacherSection(Strict):
     """Where targets come from, and how the client talks to it."""
 
+    name: str | None = Field(
+        None, description="The name loss terms (distill.teachers keys) and logged terms (`emb.text@<name>`) use for "
+        "this teacher, and its Ray Serve application's when the job deploys several: `teacher:` is named `teacher` "
+        "unless set; under `teachers:` the key is the name (leave this empty there).")
     address: str | None = Field(
         None,
         description="grpc://host:port[/app] of a running teacher. Empty: the job deploys `local` on Ray "
@@ -112,7 +119,9 @@ class OptimaSection(Strict):
     variance_scale: float = Field(1.0, gt=0, description="Scales the posterior variance 1/(n+1); 1 is the paper's.")
 
 
-class DistillSection(Strict):
+class TermsSection(Strict):
+    """The loss terms on one teacher's targets (the fields of `distill:` that name a teacher's targets)."""
+
     modules: list[str] = Field(default_factory=list, description="Modules to distill (empty: every student module).")
     feature_weight: float = Field(
         1.0, ge=0, description="Weight of feature KD on the mapped layers (docs/methods.md#feature-based-kd).")
@@ -155,7 +164,6 @@ class DistillSection(Strict):
     nce_tau: float = Field(0.1, gt=0, description="NCE temperature.")
     nce_queue_size: int = Field(4096, ge=1, description="Teacher embeddings kept as negatives (K).")
     nce_mean_pooled: bool = Field(False, description="One NCE per sample on mean-pooled tokens instead of per token.")
-    optima: OptimaSection = Field(default_factory=OptimaSection)
 
     @model_validator(mode="after")
     def _pooled_alone(self) -> "DistillSection":
@@ -175,6 +183,35 @@ class DistillSection(Strict):
         if v not in registry.names(kind):
             raise ValueError(f"unknown {kind} {v!r}; registered: {', '.join(registry.names(kind))}")
         return v
+
+    def token_level(self) -> list[str]:
+        """The weighted terms that need one target per student token (not the pooled embedding, not logits)."""
+        return [f for f in TOKEN_LEVEL if getattr(self, f) > 0]
+
+
+# Terms whose targets line up with the student's tokens: a teacher with another tokenizer serves none.
+TOKEN_LEVEL = ("feature_weight", "attention_weight", "nce_weight", "data2vec_weight")
+
+
+class TeacherTerms(TermsSection):
+    """The loss terms on a further teacher's targets: the same fields, every weight 0 unless set."""
+
+    feature_weight: float = Field(0.0, ge=0, description="Weight of feature KD on the mapped layers (0 unless set).")
+
+
+class DistillSection(TermsSection):
+    """The losses: its own term fields use `teacher:`'s targets; `teachers` holds the terms of the others."""
+
+    teachers: dict[str, TeacherTerms] = Field(
+        default_factory=dict, description="Loss terms on the targets of the further teachers, by their name in "
+        "`teachers:` (e.g. {mpnet: {embedding_weight: 1.0}}); the task term stays in distill itself.")
+    optima: OptimaSection = Field(default_factory=OptimaSection)
+
+    def terms_of(self, name: str, default: str) -> "DistillSection":
+        """The distill section one teacher's Distiller head gets: its own terms, no task term, no bandit."""
+        if name == default:
+            return self.model_copy(update={"teachers": {}})
+        return DistillSection(**self.teachers[name].model_dump())
 
 
 # Which registry table each name-valued distill field is looked up in.
@@ -229,7 +266,12 @@ class RunSection(Strict):
 
 
 class JobConfig(Strict):
-    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    teacher: TeacherSection = Field(default_factory=TeacherSection, description="The (default) teacher.")
+    teachers: dict[str, TeacherSection] = Field(
+        default_factory=dict, description="Further teachers of the same student, by name (docs/methods.md#several-"
+        "teachers): each its address or local config, fingerprint check, client and prefetch; the job deploys the "
+        "local ones as applications of one Ray Serve instance (teacher.grpc_port). distill.teachers.<name> says "
+        "which terms use each one's targets.")
     student: StudentConfig = Field(
         default_factory=lambda: StudentConfig(kind="hf_text", name="bert"), description="The student to train."
     )
@@ -266,3 +308,18 @@ class JobConfig(Strict):
             raise ValueError("teacher.store: not with distill.optima.enabled (its target spec changes per round; a "
                              "store holds one spec)")
         return self
+
+    @model_validator(mode="after")
+    def _several_teachers(self) -> "JobConfig":
+        from student_workers.train.several import check_teachers
+
+        check_teachers(self)
+        return self
+
+    @property
+    def teacher_name(self) -> str:
+        return self.teacher.name or DEFAULT_TEACHER
+
+    def all_teachers(self) -> dict[str, TeacherSection]:
+        """{name: section}: `teacher:` first, then `teachers:` in their order."""
+        return {self.teacher_name: self.teacher, **self.teachers}

@@ -15,23 +15,21 @@ from typing import Any
 
 import torch
 
-from student_workers.client.prefetch import Prefetcher
-from student_workers.losses.distiller import Distiller
+from student_workers.losses.several import make_distiller
 from student_workers.models.build import build_student
 from student_workers.optima.distributed import broadcast_state
 from student_workers.optima.factory import make_scheduler
 from student_workers.optima.plan import ArmPlan
 from student_workers.optima.rounds import log_round, round_scalars, write_optima_state
-from student_workers.train.batches import batch_labels, batches, student_inputs, teacher_inputs
+from student_workers.train.batches import batch_labels, student_inputs
 from student_workers.train.checkpoint import restore, write_checkpoint
-from student_workers.train.stored_views import view_batches
 from student_workers.train.ddp import ddp_options
 from student_workers.train.faults import FaultDrill
 from student_workers.train.job_config import JobConfig
+from student_workers.train.job_teachers import JobTeachers
 from student_workers.train.lr import lr_at
 from student_workers.train.progress import Progress, quiet_ray_train
 from student_workers.train.run_dir import optima_log, tensorboard_dir
-from student_workers.train.teacher import Targets, image_size
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -58,9 +56,9 @@ class Worker:
     address: str
     rank: int
     world: int
-    targets: Targets  # the teacher's client and/or the job's target store
-    info: Any  # the teacher's TeacherInfo (from the store's manifest in store mode read)
-    distiller: Distiller
+    teachers: JobTeachers  # each teacher's client and/or the job's target store
+    info: Any  # the default teacher's TeacherInfo (from the store's manifest in store mode read)
+    distiller: Any  # Distiller, or MultiDistiller with several teachers
     opt: torch.optim.Optimizer
     scheduler: Any  # OptimaScheduler or None
     start: int = 0  # the step it starts (or resumes) at
@@ -75,37 +73,22 @@ def start_worker(config: dict[str, Any]) -> Worker:
     address = config["address"]
     ctx = ray.train.get_context()
     torch.manual_seed(cfg.train.seed)  # every rank builds the same initial student
-    targets = Targets.open(cfg, address, config.get("auth"))
-    info = targets.info
-    distiller = Distiller(build_student(cfg.student), cfg.distill, info)
+    teachers = JobTeachers.open(cfg, address, config.get("addresses"), config.get("auth"))
+    info = teachers.info
+    distiller = make_distiller(build_student(cfg.student), cfg, teachers.infos(), teachers.texts())
     opt = torch.optim.AdamW(distiller.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    w = Worker(cfg, address, ctx.get_world_rank(), ctx.get_world_size(), targets, info, distiller, opt,
+    w = Worker(cfg, address, ctx.get_world_rank(), ctx.get_world_size(), teachers, info, distiller, opt,
                make_scheduler(cfg, distiller))
     ckpt = ray.train.get_checkpoint()
     if ckpt:
-        w.start = restore(ckpt, distiller, opt, w.scheduler, w.rank, info.fingerprint, address)
+        w.start = restore(ckpt, distiller, opt, w.scheduler, w.rank, teachers.fingerprint, teachers.address)
         w.resumed = True
     if w.scheduler is not None:
         broadcast_state(w.scheduler, src=0)  # one bandit per job, whatever each rank restored
     return w
 
 
-def prefetcher(w: Worker, plan: ArmPlan) -> Prefetcher:
-    """The worker's batches with their targets requested ``teacher.prefetch_depth`` steps ahead."""
-    cfg, size = w.cfg, image_size(w.info)
-    source = w.targets.source(w.distiller.target_spec(cfg.teacher.target_dtype), w.distiller.needs_teacher)
-    spec = lambda: w.distiller.target_spec(cfg.teacher.target_dtype, plan.arm_for_next())  # noqa: E731
-    if w.targets.views is not None:  # read mode on augmented images: the stored views, with their targets
-        data = view_batches(cfg, w.targets.views, size, w.rank, w.world, epoch0=w.start)
-        request = lambda b: (b.pop("targets"), spec())  # noqa: E731
-    else:
-        data = batches(cfg, w.rank, w.world, epoch0=w.start)
-        request = lambda b: (teacher_inputs(b, size), spec())  # noqa: E731
-    return Prefetcher(data, request, source, depth=cfg.teacher.prefetch_depth,
-                      max_depth=cfg.teacher.prefetch_max_depth, timeout=w.targets.timeout_s, name=w.targets.name)
-
-
-def train_step(w: Worker, model, plan: ArmPlan, pre: Prefetcher, step: int, device) -> tuple[torch.Tensor, dict, dict]:
+def train_step(w: Worker, model, plan: ArmPlan, pre, step: int, device) -> tuple[torch.Tensor, dict, dict]:
     """One optimizer step on the next batch; (total loss, its terms, the teacher targets it used)."""
     batch, targets = next(pre)
     for g in w.opt.param_groups:
@@ -134,7 +117,7 @@ def train(config: dict[str, Any]) -> None:
         drill.record("attempt", w.rank, w.start, w.distiller, w.scheduler)
     o = cfg.distill.optima
     plan = ArmPlan(w.scheduler, o.delta, o.measure_steps, w.start, depth=cfg.teacher.most_in_flight())
-    pre = prefetcher(w, plan)
+    pre = w.teachers.prefetcher(w.distiller, plan, w.rank, w.world, w.start)
     progress = Progress(cfg, w.rank, w.world, w.start, tensorboard_dir(run_dir))
     try:
         for step in range(w.start, cfg.train.steps):
@@ -150,8 +133,8 @@ def train(config: dict[str, Any]) -> None:
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 progress.line(done, lr_at(step, cfg), pre.total_wait_s)
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-                w.targets.flush()  # the store's shards before the checkpoint that counts on them
-                write_checkpoint(w.distiller, w.opt, w.scheduler, done, w.info.fingerprint, w.rank,
+                w.teachers.flush()  # the store's shards before the checkpoint that counts on them
+                write_checkpoint(w.distiller, w.opt, w.scheduler, done, w.teachers.fingerprint, w.rank,
                                  {**progress.last, "resumed_from": w.start})
         if w.scheduler is not None:
             write_optima_state(run_dir, w.rank, w.scheduler)
@@ -159,5 +142,5 @@ def train(config: dict[str, Any]) -> None:
             drill.record("final", w.rank, cfg.train.steps, w.distiller, w.scheduler)
     finally:
         pre.close()
-        w.targets.close()
+        w.teachers.close()
         progress.close()

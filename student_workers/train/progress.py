@@ -52,7 +52,8 @@ class Progress:
     def add(self, total, terms: dict, targets=None) -> None:
         """One step's loss, its terms and the teacher targets it used (``targets``: name -> (B, ...))."""
         self.steps += 1
-        got = targets or {}
+        got = {f"{k}.{n}": t for k, v in (targets or {}).items()
+               for n, t in (v.items() if isinstance(v, dict) else [("", v)])}  # several teachers: {teacher: targets}
         self.requested["steps"] += 1
         self.requested["targets"] += len(got)
         self.requested["values"] += sum(v[0].numel() for v in got.values() if v.dim() > 0 and len(v))

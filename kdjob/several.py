@@ -1,0 +1,102 @@
+"""A job with several teachers, on the driver: every teacher checked before any cluster starts (its
+address answers Describe, or its local config builds), every loss term against the teacher whose
+targets it uses, and the local teachers deployed as applications of ONE Ray Serve instance (one
+gRPC proxy, routed by application name = teacher name), each with its own replicas, fair-sharing
+queue and caps (its ``local.sharing``)."""
+from __future__ import annotations
+
+import logging
+
+from kdserve.config import ConfigError
+from kdserve.errors import one_line
+from student_workers.train.several import cannot_serve, data_tokenizer_fingerprint, field, local_teachers, sends_texts
+
+
+def teacher_infos(cfg) -> dict:
+    """{name: TeacherInfo} of every teacher: Describe of a running one, or built from its local config."""
+    from kdjob.teacher import describe
+    from teacher_server.validate import describe_config
+
+    infos = {}
+    for name, t in cfg.all_teachers().items():
+        where = field(cfg, name)
+        if t.address:
+            try:
+                infos[name] = describe(t.address, cfg, t)
+            except ValueError as e:  # an address no transport takes (scheme, path, TLS options)
+                raise ConfigError(f"{where}.address: {one_line(e)}") from None
+        else:
+            infos[name] = describe_config(t.local, f"{where}.local")
+    return infos
+
+
+def check_terms(cfg, infos: dict) -> dict[str, bool]:
+    """{name: sent texts}; ConfigError naming the first term whose targets its teacher cannot serve."""
+    data_fp = data_tokenizer_fingerprint(cfg)
+    texts = {name: sends_texts(info, data_fp) for name, info in infos.items()}
+    for name, info in infos.items():
+        why = cannot_serve(cfg, name, info, texts[name])
+        if why:
+            raise ConfigError(why)
+    return texts
+
+
+def check_several(cfg):
+    """``check_job`` for several teachers: the default teacher's TeacherInfo, after every check."""
+    from student_workers.train.check import check_student_side
+
+    infos = teacher_infos(cfg)
+    local = local_teachers(cfg)
+    if local:
+        shared_token(cfg, local)
+    texts = check_terms(cfg, infos)
+    check_student_side(cfg, infos[cfg.teacher_name], infos, texts)
+    return infos[cfg.teacher_name]
+
+
+def shared_token(cfg, local: dict) -> str:
+    """The one token of the job's Serve instance: the local teachers' token files must agree."""
+    from kdjob.teacher import job_token
+
+    tokens = {name: job_token(cfg, t) for name, t in local.items()
+              if t.local.serve.auth_token_file or t.auth_token_file}
+    if len(set(tokens.values())) > 1:
+        a, b = list(tokens)[:2]
+        raise ConfigError(f"{field(cfg, b)}.local.serve.auth_token_file: the local teachers {a} and {b} hold "
+                          "different tokens; they share one Serve instance and one token: point them at one file")
+    first = next(iter(tokens), next(iter(local)))
+    return job_token(cfg, local[first])
+
+
+def deploy_teachers(cfg) -> dict[str, str]:
+    """{name: address} of every teacher; the local ones deployed first, in one Serve instance on the
+    first local teacher's grpc_port (``grpc://host:port/<name>``)."""
+    from kdjob.teacher import check_port_free, deploy_local
+
+    local = local_teachers(cfg)
+    addresses = {n: t.address for n, t in cfg.all_teachers().items() if t.address}
+    if local:
+        first = next(iter(local.values()))
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        check_port_free(first.host, first.grpc_port)
+        token = shared_token(cfg, local)
+        for name, t in local.items():
+            print(f"deploying the local teacher {name} ({t.local.model}) on Ray Serve (gRPC :{first.grpc_port}, "
+                  f"application {name})...", flush=True)
+            section = t.model_copy(update={"grpc_port": first.grpc_port, "host": first.host})
+            addresses[name] = deploy_local(cfg, section, token, name=name, field=field(cfg, name))
+    return {n: addresses[n] for n in cfg.all_teachers()}
+
+
+def several_teachers(cfg, run_dir):
+    """(default teacher's address, its TeacherInfo, {name: address}), every teacher deployed and described."""
+    from kdjob.teacher import describe
+
+    addresses = deploy_teachers(cfg)
+    infos = {}
+    for name, t in cfg.all_teachers().items():
+        infos[name] = describe(addresses[name], cfg, t)
+        print(f"teacher {name}: {infos[name].model_name} at {addresses[name]} (fingerprint "
+              f"{infos[name].fingerprint})", flush=True)
+    print(f"run dir {run_dir}", flush=True)
+    return addresses[cfg.teacher_name], infos[cfg.teacher_name], addresses

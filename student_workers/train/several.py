@@ -1,0 +1,140 @@
+"""Several teachers for one student: the checks of `teachers:` and `distill.teachers` that need no
+teacher (names, which terms use which teacher, one Serve instance for the local ones), and which
+teachers are sent raw texts instead of the student's tokens.
+
+`teacher:` is the default teacher (named `teacher.name`, else `teacher`): distill's own term fields
+use its targets. `teachers: {name: TeacherSection}` adds others; `distill.teachers: {name: terms}`
+names the terms that use each one's targets. The local teachers (no address) of a job run as
+applications of one Ray Serve instance: one gRPC proxy on the first local teacher's port, routed by
+application name (the teacher's name).
+"""
+from __future__ import annotations
+
+import re
+from urllib.parse import urlparse
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # a Serve application name and a term suffix
+LOOPBACK = ("127.0.0.1", "localhost", "0.0.0.0", "::1", "::")
+WEIGHTS = ("feature_weight", "data2vec_weight", "logits_weight", "embedding_weight", "attention_weight", "nce_weight")
+
+
+def uses(terms) -> bool:
+    """Whether a terms section has any term on its teacher's targets."""
+    return any(getattr(terms, w) > 0 for w in WEIGHTS)
+
+
+def check_teachers(cfg) -> None:
+    """ValueError naming the field for the first problem of a job's teachers (none for one teacher)."""
+    default = cfg.teacher_name
+    if not NAME.match(default):
+        raise ValueError(f"teacher.name: {default!r} is not a name (letters, digits, '_' or '-', at most 64)")
+    for name, t in cfg.teachers.items():
+        if name == default:
+            raise ValueError(f"teachers.{name}: {name!r} is already the name of `teacher:` (teacher.name); "
+                             "pick another name")
+        if not NAME.match(name):
+            raise ValueError(f"teachers.{name}: {name!r} is not a name (letters, digits, '_' or '-', at most 64)")
+        if t.name not in (None, name):
+            raise ValueError(f"teachers.{name}.name: {t.name!r}; under `teachers:` the key is the name: leave it empty")
+    for name in cfg.distill.teachers:
+        if name == default:
+            raise ValueError(f"distill.teachers.{name}: {name!r} is the default teacher (teacher:), whose terms "
+                             "are distill's own fields (distill.embedding_weight, ...)")
+        if name not in cfg.teachers:
+            known = ", ".join([f"{default} (teacher:)", *cfg.teachers]) if cfg.teachers else f"{default} (teacher:) only"
+            raise ValueError(f"distill.teachers.{name}: unknown teacher {name!r}; the job's teachers: {known}")
+    if not cfg.teachers:
+        return
+    unused = [n for n in cfg.teachers if n not in cfg.distill.teachers or not uses(cfg.distill.teachers[n])]
+    if unused:
+        raise ValueError(f"teachers.{unused[0]}: no loss term uses its targets; give it one in "
+                         f"distill.teachers.{unused[0]} (e.g. embedding_weight: 1.0)")
+    if not uses(cfg.distill):
+        raise ValueError(f"teacher: no loss term uses the targets of {default!r} (every distill.*_weight on it is "
+                         "0); make one of the others `teacher:` instead")
+    _check_features(cfg)
+    check_ports(cfg)
+
+
+def _check_features(cfg) -> None:
+    """What several teachers do not combine with (yet): OPTIMA's per-round spec, target stores."""
+    if cfg.distill.optima.enabled:
+        raise ValueError("distill.optima.enabled: not with several teachers (the bandit plays one teacher's modules)")
+    for name, t in cfg.all_teachers().items():
+        if t.store is not None:
+            where = "teacher" if t is cfg.teacher else f"teachers.{name}"
+            raise ValueError(f"{where}.store: not with several teachers (a store holds one teacher's targets)")
+
+
+def field(cfg, name: str) -> str:
+    """The config path of teacher ``name``'s section."""
+    return "teacher" if name == cfg.teacher_name else f"teachers.{name}"
+
+
+def local_teachers(cfg) -> dict:
+    """{name: section} of the teachers the job deploys itself (no address), in config order."""
+    return {n: t for n, t in cfg.all_teachers().items() if t.address is None}
+
+
+def serve_endpoint(cfg) -> tuple[str, int] | None:
+    """(host, gRPC port) of the job's Serve instance: the first local teacher's; None without one."""
+    local = list(local_teachers(cfg).values())
+    return (local[0].host, local[0].grpc_port) if local else None
+
+
+def check_ports(cfg) -> None:
+    """The local teachers share one Serve gRPC proxy (one port), and no teacher's address is that port."""
+    local = local_teachers(cfg)
+    endpoint = serve_endpoint(cfg)
+    if endpoint is None:
+        return
+    host, port = endpoint
+    first = next(iter(local))
+    for name, t in list(local.items())[1:]:
+        for key, own, shared in (("grpc_port", t.grpc_port, port), ("host", t.host, host)):
+            if key in t.model_fields_set and own != shared:
+                raise ValueError(
+                    f"{field(cfg, name)}.{key}: {own!r}, but the job's local teachers are applications of one Ray "
+                    f"Serve instance, one gRPC proxy on {field(cfg, first)}.{key} {shared!r} routed by teacher name: "
+                    f"leave {field(cfg, name)}.{key} unset")
+    for name, t in cfg.all_teachers().items():
+        if t.address is None:
+            continue
+        u = urlparse(t.address)
+        try:
+            same = u.port in (port, port + 1) and (u.hostname or "") in (*LOOPBACK, host)
+        except ValueError:  # the address's own check (kdjob) names what is wrong with it
+            continue
+        if same:
+            raise ValueError(f"{field(cfg, name)}.address: {t.address} is on the port ({port}, and {port + 1} for "
+                             f"HTTP) where this job deploys its local teacher(s) ({field(cfg, first)}.grpc_port); "
+                             "two teachers on one port would share it: pick another grpc_port")
+
+
+def sends_texts(info, data_tokenizer_fingerprint: str | None) -> bool:
+    """A teacher with its own tokenizer that is not the one the student's batches are tokenized with
+    gets the raw texts (the teacher tokenizes them) and serves pooled embeddings and logits only."""
+    fp = info.tokenizer.fingerprint if info.HasField("tokenizer") else ""
+    return bool(fp) and data_tokenizer_fingerprint is not None and fp != data_tokenizer_fingerprint
+
+
+def data_tokenizer_fingerprint(cfg) -> str | None:
+    """kdserve.tokenizer.fingerprint of data.tokenizer for a text student; None for others."""
+    if cfg.student.kind != "hf_text":
+        return None
+    from kdserve import tokenizer
+    from student_workers.data.tokenizer import load_tokenizer
+
+    return tokenizer.fingerprint(load_tokenizer(cfg.data.tokenizer))
+
+
+def cannot_serve(cfg, name: str, info, texts: bool) -> str | None:
+    """One line naming the term field whose targets teacher ``name`` cannot serve, else None."""
+    terms = cfg.distill if name == cfg.teacher_name else cfg.distill.teachers[name]
+    where = "distill" if name == cfg.teacher_name else f"distill.teachers.{name}"
+    if texts and terms.token_level():
+        t = info.tokenizer
+        return (f"{where}.{terms.token_level()[0]}: teacher {name!r} tokenizes with its own tokenizer ({t.name}, "
+                f"{t.fingerprint}), not data.tokenizer {cfg.data.tokenizer!r}, so it is sent the texts and serves "
+                "no token-level targets: use its pooled sentence embedding (embedding_weight) or logits_weight")
+    return None

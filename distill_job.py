@@ -20,7 +20,7 @@ import sys
 from kdjob.cluster import teardown
 from kdjob.distill import run_job
 from kdjob.fit import TeacherGone
-from kdjob.teacher import check_job
+from kdjob.several import check_job
 from kdserve.errors import one_line
 
 

@@ -9,7 +9,7 @@ import logging
 
 from kdserve.config import ConfigError
 from kdserve.errors import one_line
-from student_workers.train.several import cannot_serve, data_tokenizer_fingerprint, field, local_teachers, sends_texts
+from student_workers.train.several import check_terms, field, local_teachers
 
 
 def teacher_infos(cfg) -> dict:
@@ -30,15 +30,12 @@ def teacher_infos(cfg) -> dict:
     return infos
 
 
-def check_terms(cfg, infos: dict) -> dict[str, bool]:
-    """{name: sent texts}; ConfigError naming the first term whose targets its teacher cannot serve."""
-    data_fp = data_tokenizer_fingerprint(cfg)
-    texts = {name: sends_texts(info, data_fp) for name, info in infos.items()}
-    for name, info in infos.items():
-        why = cannot_serve(cfg, name, info, texts[name])
-        if why:
-            raise ConfigError(why)
-    return texts
+def check_job(cfg):
+    """Everything the user typed, checked on the driver before any cluster starts (one teacher:
+    ``kdjob.teacher.check_job``); the default teacher's TeacherInfo, or ConfigError naming the field."""
+    from kdjob.teacher import check_job as check_one
+
+    return check_several(cfg) if cfg.teachers else check_one(cfg)
 
 
 def check_several(cfg):

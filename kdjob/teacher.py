@@ -20,9 +20,7 @@ def check_job(cfg):
     from student_workers.train.check import check_student_side
 
     if cfg.teachers:
-        from kdjob.several import check_several
-
-        return check_several(cfg)
+        raise ValueError("several teachers: check the job with kdjob.several.check_job")
     if cfg.teacher.reads_store_only:  # every target from the store: no teacher is contacted
         from kdjob.targets import check_store, check_views, store_info
 
@@ -42,7 +40,7 @@ def check_job(cfg):
 
         job_token(cfg)  # an unreadable token file costs seconds, not a cluster start
         info = describe_config(cfg.teacher.local, "teacher.local")
-    from kdjob.several import check_terms
+    from student_workers.train.several import check_terms
 
     texts = check_terms(cfg, {cfg.teacher_name: info})
     distiller = check_student_side(cfg, info, texts=texts)

@@ -138,3 +138,16 @@ def cannot_serve(cfg, name: str, info, texts: bool) -> str | None:
                 f"{t.fingerprint}), not data.tokenizer {cfg.data.tokenizer!r}, so it is sent the texts and serves "
                 "no token-level targets: use its pooled sentence embedding (embedding_weight) or logits_weight")
     return None
+
+
+def check_terms(cfg, infos: dict) -> dict[str, bool]:
+    """{name: sent texts}; ConfigError naming the first term whose targets its teacher cannot serve."""
+    from kdserve.config import ConfigError
+
+    data_fp = data_tokenizer_fingerprint(cfg)
+    texts = {name: sends_texts(info, data_fp) for name, info in infos.items()}
+    for name, info in infos.items():
+        why = cannot_serve(cfg, name, info, texts[name])
+        if why:
+            raise ConfigError(why)
+    return texts

@@ -78,6 +78,10 @@ def test_config_errors_name_the_field(over, field):
 
 def test_a_local_teacher_may_repeat_the_shared_port_and_an_address_may_use_another():
     build(JobConfig, two(teachers__b__grpc_port=9202))
+    cfg = build(JobConfig, two(teacher__host="0.0.0.0"))
+    assert (cfg.teachers["b"].grpc_port, cfg.teachers["b"].host) == (9202, "0.0.0.0")  # the shared proxy's
+    again = JobConfig.model_validate(cfg.model_dump(mode="json"))  # as the workers get it
+    assert again.teachers["b"].grpc_port == 9202
     cfg = build(JobConfig, two(teachers__b__address="grpc://127.0.0.1:9212"))
     assert cfg.all_teachers()["b"].address == "grpc://127.0.0.1:9212"
 

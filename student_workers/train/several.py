@@ -97,6 +97,8 @@ def check_ports(cfg) -> None:
                     f"{field(cfg, name)}.{key}: {own!r}, but the job's local teachers are applications of one Ray "
                     f"Serve instance, one gRPC proxy on {field(cfg, first)}.{key} {shared!r} routed by teacher name: "
                     f"leave {field(cfg, name)}.{key} unset")
+        if name in cfg.teachers:  # written out, so the config the workers (and config.yaml) get says it
+            cfg.teachers[name] = t.model_copy(update={"grpc_port": port, "host": host})
     for name, t in cfg.all_teachers().items():
         if t.address is None:
             continue

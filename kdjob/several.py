@@ -77,11 +77,11 @@ def deploy_teachers(cfg) -> dict[str, str]:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         check_port_free(first.host, first.grpc_port)
         token = shared_token(cfg, local)
-        for name, t in local.items():
+        for i, (name, t) in enumerate(local.items()):
             print(f"deploying the local teacher {name} ({t.local.model}) on Ray Serve (gRPC :{first.grpc_port}, "
                   f"application {name})...", flush=True)
             section = t.model_copy(update={"grpc_port": first.grpc_port, "host": first.host})
-            addresses[name] = deploy_local(cfg, section, token, name=name, field=field(cfg, name))
+            addresses[name] = deploy_local(cfg, section, token, name=name, field=field(cfg, name), start=i == 0)
     return {n: addresses[n] for n in cfg.all_teachers()}
 
 

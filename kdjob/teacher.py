@@ -124,7 +124,8 @@ def teacher_address(cfg) -> str:
     return deploy_local(cfg, cfg.teacher, job_token(cfg))
 
 
-def deploy_local(cfg, section, token: str, name: str | None = None, field: str = "teacher") -> str:
+def deploy_local(cfg, section, token: str, name: str | None = None, field: str = "teacher",
+                 start: bool = True) -> str:
     """Deploy ``section.local`` on Ray Serve (gRPC on ``section.grpc_port``) behind ``token``; its address.
     ``name``: the Serve application's (several teachers: routed by it, ``grpc://host:port/<name>``)."""
     import ray
@@ -145,7 +146,7 @@ def deploy_local(cfg, section, token: str, name: str | None = None, field: str =
         local = local.updated("serve", direct_host=host)
     deploy(local, grpc_port=section.grpc_port, http_port=section.grpc_port + 1, host=host,
            auth_token=replica_env_token, field_prefix=f"{field}.local.", name=name or APP_NAME,
-           route_prefix=f"/{name}" if name else "/")
+           route_prefix=f"/{name}" if name else "/", start=start)
     SESSION.deployed_teacher = True
     reach = host if host not in ("0.0.0.0", "::") else ray.util.get_node_ip_address()
     return f"grpc://{reach}:{section.grpc_port}" + (f"/{name}" if name else "")

@@ -260,7 +260,7 @@ def _replica_env(auth_token: str) -> dict[str, Any]:
 
 def deploy(cfg: TeacherConfig, grpc_port: int, http_port: int = 8000, host: str = "127.0.0.1",
            auth_token: str | None = None, name: str = APP_NAME, route_prefix: str = "/",
-           field_prefix: str = "") -> int:
+           field_prefix: str = "", start: bool = True) -> int:
     """Start Serve (gRPC on ``grpc_port``) in the connected Ray cluster and deploy the teacher.
 
     ``auth_token``: the bearer token the replicas require, handed to them as ``$KDSERVE_AUTH_TOKEN``
@@ -268,15 +268,17 @@ def deploy(cfg: TeacherConfig, grpc_port: int, http_port: int = 8000, host: str 
     gRPC proxy listens on every interface whatever ``host`` says, so a teacher without a token is
     open to anyone who reaches the port. ``name``/``route_prefix``: the application's (calls name it
     in ``application`` metadata once Serve holds two). ``field_prefix`` names the config in errors
-    (``teacher.local.``). Returns the gRPC port. Blocks until the replicas are healthy.
+    (``teacher.local.``). ``start=False``: Serve already runs (a further application of one instance:
+    no second wait for its proxies). Returns the gRPC port. Blocks until the replicas are healthy.
     """
     cfg.check_frontend("serve", field_prefix)  # before Serve starts: an option Serve ignores is the user's mistake
     check_placement(cfg, field_prefix)
-    serve.start(
-        http_options={"host": host, "port": http_port},
-        grpc_options=grpc_options(grpc_port),
-        logging_config={"log_level": "WARNING"},  # the controller's and proxies' INFO lines
-    )
+    if start:
+        serve.start(
+            http_options={"host": host, "port": http_port},
+            grpc_options=grpc_options(grpc_port),
+            logging_config={"log_level": "WARNING"},  # the controller's and proxies' INFO lines
+        )
     runtime_env = _replica_env(auth_token) if auth_token else None
     serve.run(_deployment(cfg, runtime_env).bind(cfg.model_dump()), name=name, route_prefix=route_prefix)
     return grpc_port

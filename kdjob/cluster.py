@@ -41,13 +41,40 @@ def start_ray(cfg, ray_address: str | None):
         # loopback, and its actors are told where it is.
         port = free_port()
         env["RAY_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(address="local", num_cpus=cfg.run.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, runtime_env={"env_vars": env}, logging_config=quiet)
+        init_local(num_cpus=cfg.run.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                   dashboard_port=port, runtime_env={"env_vars": env}, logging_config=quiet)
         SESSION.own_cluster = True
         # Ray Train watches for nodes being drained (spot preemption); one machine has none, and the
         # watcher's actor costs a core_worker error line in the job's output.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return ray
+
+
+SLOW_START = "The current node timed out during startup"  # ray/_private/node.py
+
+
+def init_local(attempts: int = 3, **kwargs):
+    """``ray.init(address="local", **kwargs)``, started afresh when the raylet misses the fixed 30 s
+    Ray gives it to register with the GCS: on a busy 2-core machine it can, and the next start
+    succeeds. The processes the failed start left behind are killed first."""
+    import psutil
+    import ray
+
+    me = psutil.Process()
+    for attempt in range(attempts):
+        before = {p.pid for p in me.children(recursive=True)}
+        try:
+            return ray.init(address="local", **kwargs)
+        except Exception as e:
+            if SLOW_START not in str(e) or attempt == attempts - 1:
+                raise
+            ray.shutdown()
+            for p in me.children(recursive=True):
+                if p.pid not in before:
+                    try:
+                        p.kill()
+                    except psutil.Error:
+                        pass
 
 
 def check_worker_placement(cfg) -> None:

@@ -110,7 +110,9 @@ def ray_cluster():
     """A local Ray cluster shared by every cluster test (ray.init costs ~5 s here)."""
     import ray
 
-    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
+    from kdjob.cluster import init_local
+
+    init_local(num_cpus=6, include_dashboard=False, log_to_driver=False)
     yield ray
     try:
         from ray import serve

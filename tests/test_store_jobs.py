@@ -190,8 +190,14 @@ def test_read_through_fills_then_a_second_run_needs_no_teacher(tmp_path):
         open_job_store(other, EngineTeacher(other).info, spec)
 
 
+def committed(store: Path) -> list[Path]:
+    """The index files that commit shards (a writer's ``.tmp-*`` file is not one: killed before its
+    rename, it holds a whole index the store never lists)."""
+    return list((store / "index").glob("[!.]*.json"))
+
+
 def index_keys(store: Path) -> list[str]:
-    return [k for f in (store / "index").glob("*.json") for k in json.loads(f.read_text())["entries"]]
+    return [k for f in committed(store) for k in json.loads(f.read_text())["entries"]]
 
 
 def test_precompute_resumes_after_sigkill(tmp_path):
@@ -204,7 +210,7 @@ def test_precompute_resumes_after_sigkill(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while len(list((tmp_path / "store" / "index").glob("*.json"))) < 2 and time.monotonic() < deadline:
+    while len(committed(tmp_path / "store")) < 2 and time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

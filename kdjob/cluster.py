@@ -56,7 +56,8 @@ SLOW_START = "The current node timed out during startup"  # ray/_private/node.py
 def init_local(attempts: int = 3, **kwargs):
     """``ray.init(address="local", **kwargs)``, started afresh when the raylet misses the fixed 30 s
     Ray gives it to register with the GCS: on a busy 2-core machine it can, and the next start
-    succeeds. The processes the failed start left behind are killed first."""
+    succeeds. The processes a failed start left behind are killed first; after the last, a
+    RuntimeError in one line."""
     import psutil
     import ray
 
@@ -66,7 +67,7 @@ def init_local(attempts: int = 3, **kwargs):
         try:
             return ray.init(address="local", **kwargs)
         except Exception as e:
-            if SLOW_START not in str(e) or attempt == attempts - 1:
+            if SLOW_START not in str(e):
                 raise
             ray.shutdown()
             for p in me.children(recursive=True):
@@ -75,6 +76,9 @@ def init_local(attempts: int = 3, **kwargs):
                         p.kill()
                     except psutil.Error:
                         pass
+            if attempt == attempts - 1:
+                raise RuntimeError(f"Ray: the local cluster did not start in {attempts} tries (each time its raylet "
+                                   "missed Ray's 30 s to register; is the machine overloaded?)") from e
 
 
 def check_worker_placement(cfg) -> None:

@@ -5,8 +5,6 @@ gRPC proxy, routed by application name = teacher name), each with its own replic
 queue and caps (its ``local.sharing``)."""
 from __future__ import annotations
 
-import logging
-
 from kdserve.config import ConfigError
 from kdserve.errors import one_line
 from student_workers.train.several import check_terms, field, local_teachers
@@ -68,13 +66,13 @@ def shared_token(cfg, local: dict) -> str:
 def deploy_teachers(cfg) -> dict[str, str]:
     """{name: address} of every teacher; the local ones deployed first, in one Serve instance on the
     first local teacher's grpc_port (``grpc://host:port/<name>``)."""
-    from kdjob.teacher import check_port_free, deploy_local
+    from kdjob.teacher import check_port_free, deploy_local, quiet_serve
 
     local = local_teachers(cfg)
     addresses = {n: t.address for n, t in cfg.all_teachers().items() if t.address}
     if local:
         first = next(iter(local.values()))
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        quiet_serve()
         check_port_free(first.host, first.grpc_port)
         token = shared_token(cfg, local)
         for i, (name, t) in enumerate(local.items()):

@@ -105,6 +105,14 @@ def check_port_free(host: str, port: int) -> None:
                               f"pick another with --set teacher.grpc_port=...") from None
 
 
+def quiet_serve() -> None:
+    """Serve's "Started Serve", "Application ready", ... off the job's output. ``import ray.serve``
+    sets its logger to INFO (ray/serve/__init__.py), so it comes before the level."""
+    import ray.serve  # noqa: F401
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
 def teacher_address(cfg) -> str:
     """The configured teacher, or a local one deployed on Ray Serve in this cluster.
 
@@ -117,7 +125,7 @@ def teacher_address(cfg) -> str:
     """
     if cfg.teacher.address:
         return cfg.teacher.address
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve", "Application ready", ...
+    quiet_serve()
     check_port_free(cfg.teacher.host, cfg.teacher.grpc_port)
     print(f"deploying the local teacher {cfg.teacher.local.model} on Ray Serve (gRPC :{cfg.teacher.grpc_port})...",
           flush=True)

@@ -3,6 +3,7 @@ session's packaged MiniLM app) over gRPC; checkpoint, resume from the saved step
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -113,6 +114,16 @@ def test_unreachable_teacher_is_a_one_line_error(tmp_path):
     assert r.returncode == 1, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "127.0.0.1" in last
+
+
+def test_the_job_quiets_serve_whatever_imported_it_first():
+    """The local teacher's deploy keeps Serve's INFO lines ("Started Serve", "Application ready") out
+    of the job's output, though ``import ray.serve`` sets its logger to INFO, whenever it comes."""
+    code = ("import logging; from kdjob.teacher import quiet_serve; quiet_serve(); "
+            "import ray.serve, teacher_server.serve_app; print(logging.getLogger('ray.serve').getEffectiveLevel())")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.split()[-1]) == logging.WARNING
 
 
 def test_bad_config_key_is_a_one_line_error(tmp_path):

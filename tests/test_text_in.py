@@ -249,7 +249,8 @@ def triton_minilm(tmp_path_factory, minilm_engine):
         pytest.skip(f"no tritonserver binary: {e}")
     repo = tmp_path_factory.mktemp("text_repository")
     write_repository(TRITON_MINILM, repo, engine=minilm_engine)
-    with run_tritonserver(repo, timeout=600) as server:  # a liveness bound: MiniLM loads slowly on a loaded machine
+    # timeout: a liveness bound (MiniLM loads slowly on a loaded machine); the log kept after a failure
+    with run_tritonserver(repo, timeout=600, log_dir=tmp_path_factory.mktemp("triton_log")) as server:
         yield server
 
 

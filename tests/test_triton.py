@@ -49,7 +49,7 @@ def triton(tmp_path_factory, vit_engine_local):
     """tritonserver on a generated repository (~10-20 s to start on 2 cores)."""
     repo = tmp_path_factory.mktemp("model_repository")
     write_repository(VIT, repo, engine=vit_engine_local)
-    with run_tritonserver(repo) as server:
+    with run_tritonserver(repo, log_dir=tmp_path_factory.mktemp("triton_log")) as server:  # kept after a failure
         yield server
 
 
@@ -353,3 +353,9 @@ def test_unparseable_request_rows_and_nonfinite_targets_are_invalid_argument(add
     assert "Error" not in bad_row.details and "class" not in bad_row.details
     assert nonfinite.code == INVALID and "output 'hidden.vision.3' holds NaN or Inf" in nonfinite.details
     assert ok.outputs
+
+
+def test_the_server_log_is_kept_where_asked(triton):
+    """``log_dir``: tritonserver's log outlives the server (a failed run can be read afterwards)."""
+    assert triton.log_path.parent.name.startswith("triton_log") and triton.log_path.name == "tritonserver.log"
+    assert triton.log_path.stat().st_size > 0

@@ -184,12 +184,14 @@ def run_tritonserver(
     extra_args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     log_to_console: bool = False,
+    log_dir: str | Path | None = None,
 ) -> Iterator[TritonServer]:
     """Start tritonserver on ``repo``, wait until it and its models are ready, stop it on exit.
 
     Ports 0 pick free ones. Raises ``TritonNotFound`` without the binary and ``TritonStartError``
     (with the server's log) when it exits or is not ready within ``timeout`` seconds. ``env``:
-    extra environment of the server and its model stubs (e.g. ``OMP_NUM_THREADS``).
+    extra environment of the server and its model stubs (e.g. ``OMP_NUM_THREADS``). ``log_dir``: where
+    ``tritonserver.log`` is written and kept (default: a temporary directory removed on exit).
     """
     repo = Path(repo).resolve()
     models = repository_models(repo)
@@ -199,7 +201,7 @@ def run_tritonserver(
     grpc_port, http_port, metrics_port = (p or free_port() for p in (grpc_port, http_port, metrics_port))
     with tempfile.TemporaryDirectory(prefix="kdserve-triton-") as tmp:
         backends = prepare_backends(Path(tmp) / "backends", root)
-        log_path = Path(tmp) / "tritonserver.log"
+        log_path = Path(log_dir or tmp) / "tritonserver.log"
         cmd = [
             str(root / "bin" / "tritonserver"),
             f"--model-repository={repo}",

@@ -1,6 +1,6 @@
 """S3 store bytes: what the target store (kdserve/store/) costs on disk per target over the raw
 tensor bytes: safetensors headers (one JSON record per tensor, the shard's key list) plus the JSON
-index (byte range, crc32, dtype and shape per entry) plus the manifest, all counted from the files
+index (byte range, checksum, dtype and shape per entry) plus the manifest, all counted from the files
 written.
 
 Figure ``S3_store_bytes_ratio``: 512 samples of 12 x (128 x 384) float16 hidden states (all layers

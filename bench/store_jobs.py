@@ -17,7 +17,7 @@ and the machine's load at that moment hit both).
 Bounded by the KD losses (MSE on 3 blocks + the embedding cosine, forward and backward: the step's
 extra work over the no-KD loss) and the store's reads on the StoreSubmitter's threads, sharing the
 cores with the step: per batch the 32 keys hashed, then 32 rows copied once from the memory-mapped
-shard into the batch's tensors, each row's crc32 checked (``TargetStore.get_batch``).
+shard into the batch's tensors, each row's CRC-32C checked (``TargetStore.get_batch``).
 """
 from __future__ import annotations
 

@@ -77,7 +77,7 @@ def roundtrip(uri: str, so: dict | None = None) -> None:
         first = w.flush()
         second = w.put(keys[3:], rows[3:], shard="second")  # 3, 4 already stored: skipped
     assert second == "second" and len(first) == 32
-    for cache in (1 << 30, 0):  # whole-shard reads (sha256) and range reads (crc32 per entry)
+    for cache in (1 << 30, 0):  # whole-shard reads (sha256) and range reads (crc32c per entry)
         r = TargetStore.open(uri, "read", storage_options=so, cache_bytes=cache)
         assert len(r) == 12 and r.contains("k007") and "nope" not in r
         got = r.get(["k011", "nope", *keys])
@@ -212,8 +212,52 @@ def test_a_local_shard_is_mapped_not_read_whole_and_each_used_entry_is_checked(t
     data[-3] ^= 0x01  # the last entry's bytes, rewritten in place under the mapping
     path.write_bytes(bytes(data))
     assert same(r.get_batch(keys[:2]), {n: torch.stack([rows[i][n] for i in range(2)]) for n in rows[0]})
-    with pytest.raises(StoreCorrupt, match=r"entry row 7: .* crc32 mismatch"):
+    with pytest.raises(StoreCorrupt, match=r"entry row 7: .* crc32c mismatch"):
         r.get_batch(keys)
+
+
+def naive_crc32c(data: bytes) -> int:
+    """CRC-32C bit by bit (reflected polynomial 0x82F63B78, RFC 3720 sec. 12.1)."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+@unit
+def test_each_entry_carries_the_crc32c_of_its_bytes(tmp_path):
+    assert naive_crc32c(b"123456789") == 0xE3069283  # the standard check value
+    keys, rows = [f"c{i}" for i in range(4)], rows_of(4, seed=2)
+    TargetStore.open(str(tmp_path), "write", manifest=MAN).put(keys, rows, shard="c")
+    idx = json.loads((tmp_path / "index" / "c.json").read_bytes())
+    data = (tmp_path / "shards" / "c.safetensors").read_bytes()
+    assert idx["version"] == 2 and idx["checksum"] == "crc32c"
+    for key in keys:
+        _, start, end, crc, _ = idx["entries"][key]
+        assert crc == naive_crc32c(data[start:end])
+
+
+@unit
+def test_a_version_1_index_of_zlib_crc32s_still_reads_and_checks(tmp_path):
+    import zlib
+
+    keys, rows = [f"v{i}" for i in range(4)], rows_of(4, seed=3)
+    TargetStore.open(str(tmp_path), "write", manifest=MAN).put(keys, rows, shard="old")
+    shard, index = tmp_path / "shards" / "old.safetensors", tmp_path / "index" / "old.json"
+    data, idx = shard.read_bytes(), json.loads(index.read_bytes())
+    del idx["checksum"]  # as kdserve wrote indices before it named their checksum
+    idx["version"] = 1
+    for e in idx["entries"].values():
+        e[3] = zlib.crc32(data[e[1]:e[2]])
+    index.write_text(json.dumps(idx))
+    r = TargetStore.open(str(tmp_path), "read", cache_bytes=0)
+    assert all(same(g, w) for g, w in zip(r.get(keys), rows))
+    last = max(idx["entries"].values(), key=lambda e: e[1])
+    shard.write_bytes(data[:last[1]] + bytes([data[last[1]] ^ 1]) + data[last[1] + 1:])
+    with pytest.raises(StoreCorrupt, match=r"crc32 mismatch"):
+        TargetStore.open(str(tmp_path), "read", cache_bytes=0).get(keys)
 
 
 @unit

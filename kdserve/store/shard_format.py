@@ -17,6 +17,7 @@ import json
 import struct
 import zlib
 
+import google_crc32c
 import numpy as np
 import torch
 
@@ -32,19 +33,32 @@ DTYPES = {code: dt for dt, code in CODES.items()}
 FORMAT = "kdserve.store/1"
 
 
+def crc32c(data: bytes | memoryview) -> int:
+    """CRC-32C (Castagnoli; RFC 3720 sec. 12.1), hardware-accelerated (SSE4.2 / ARMv8 CRC): about 0.25 ms
+    per 4.7 MB batch of targets where zlib's crc32 takes 3 ms, on the training step's cores. It is the
+    checksum S3 (``ChecksumCRC32C``) and GCS keep for objects. google_crc32c wants a read-only buffer that
+    is not a memoryview: a numpy view of the same bytes is one."""
+    return google_crc32c.value(np.frombuffer(data, dtype=np.uint8))
+
+
+# an index names the checksum of its entries; indices written before it existed used zlib's crc32
+CHECKSUMS = {"crc32": zlib.crc32, "crc32c": crc32c}
+CHECKSUM = "crc32c"  # what new shards get
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """Where one sample's targets sit in its shard: ``[start, end)`` absolute byte offsets of the row,
-    the crc32 of those bytes, and its outputs in file order as (name, dtype code, shape)."""
+    their checksum (``CHECKSUMS[index.checksum]``), and its outputs in file order as (name, dtype code, shape)."""
 
     row: int
     start: int
     end: int
-    crc32: int
+    crc: int
     outputs: tuple[tuple[str, str, tuple[int, ...]], ...]
 
     def to_json(self) -> list:
-        return [self.row, self.start, self.end, self.crc32, [[n, c, list(s)] for n, c, s in self.outputs]]
+        return [self.row, self.start, self.end, self.crc, [[n, c, list(s)] for n, c, s in self.outputs]]
 
     @classmethod
     def from_json(cls, v: list) -> "Entry":
@@ -74,8 +88,8 @@ def _check_row(row: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def encode(keys: list[str], rows: list[dict[str, torch.Tensor]]) -> tuple[bytearray, dict[str, Entry]]:
-    """The shard's bytes (built in place: one buffer the size of the shard) and each key's ``Entry``;
-    ``rows[i]`` holds key ``i``'s outputs."""
+    """The shard's bytes (built in place: one buffer the size of the shard) and each key's ``Entry``
+    (its checksum ``CHECKSUM``); ``rows[i]`` holds key ``i``'s outputs."""
     header: dict[str, dict] = {"__metadata__": {"format": FORMAT, "keys": json.dumps(keys, separators=(",", ":"))}}
     layout = []  # (key, row, [(name, tensor)]) in file order
     offset = 0
@@ -100,7 +114,7 @@ def encode(keys: list[str], rows: list[dict[str, torch.Tensor]]) -> tuple[bytear
             view = _as_uint8(t)
             buf[pos:pos + len(view)] = view
             pos += len(view)
-        crc = zlib.crc32(memoryview(buf)[start:pos])
+        crc = CHECKSUMS[CHECKSUM](memoryview(buf)[start:pos])
         entries[key] = Entry(r, start, pos, crc, tuple((n, CODES[t.dtype], tuple(t.shape)) for n, t in tensors))
     return buf, entries
 

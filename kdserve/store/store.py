@@ -38,7 +38,6 @@ import hashlib
 import re
 import threading
 import time
-import zlib
 from collections import OrderedDict
 
 import torch
@@ -48,7 +47,7 @@ from kdserve.store.index import ShardIndex
 from kdserve.store.location import MANIFEST, Location
 from kdserve.store.lru import ByteLRU
 from kdserve.store.manifest import Manifest
-from kdserve.store.shard_format import Entry, batch_buffers, decode, decode_into, encode
+from kdserve.store.shard_format import CHECKSUMS, Entry, batch_buffers, decode, decode_into, encode
 
 MODES = ("read", "read_through", "write")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -228,11 +227,11 @@ class TargetStore:
 
     def _spans(self, shard: str, entries: list[Entry]) -> list[bytes | memoryview]:
         """The entries' checked bytes. On a local disk the shard is memory-mapped (kept in the LRU):
-        only the pages of the wanted rows are read, each entry's length and crc32 (from the index)
+        only the pages of the wanted rows are read, each entry's length and checksum (from the index)
         checked. Elsewhere a call that wants at least ``WHOLE_FRACTION`` of a shard's bytes (or finds
         it in the LRU) reads it whole, checks the sha256 of all its bytes against the index and keeps
         it in the LRU; otherwise it range-reads just the wanted entries and checks each one's length
-        and crc32. A flipped byte is caught every way (crc32 guards against corruption, not against
+        and checksum. A flipped byte is caught every way (CRC-32C guards against corruption, not against
         a deliberate forgery)."""
         idx = self._shards[shard]
         data = self._cache.get(shard)
@@ -256,10 +255,11 @@ class TargetStore:
             spans = [view[e.start:e.end] for e in entries]
             if not self.location.local:
                 return spans  # the whole object's sha256 was checked when it was read
+        check = CHECKSUMS[idx.checksum]
         for e, b in zip(entries, spans):
-            if len(b) != e.end - e.start or zlib.crc32(b) != e.crc32:
+            if len(b) != e.end - e.start or check(b) != e.crc:
                 raise StoreCorrupt(f"shard {self.uri}/shards/{shard}.safetensors is corrupt (entry row {e.row}: "
-                                   f"{len(b)} bytes, crc32 mismatch): delete it and its index/{shard}.json")
+                                   f"{len(b)} bytes, {idx.checksum} mismatch): delete it and its index/{shard}.json")
         return spans
 
     def _decode(self, shard: str, data: bytes | memoryview, e: Entry) -> dict[str, torch.Tensor]:

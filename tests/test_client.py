@@ -502,6 +502,26 @@ def test_client_refuses_nonfinite_targets(bad, dtype):
 
 
 @pytest.mark.unit
+def test_a_dead_triton_stub_is_unavailable_so_the_client_retries_it():
+    """Triton answers a model whose Python stub died with INTERNAL until the server restarts, and a
+    model still loading after a restart with NOT_FOUND; the transport reports both as UNAVAILABLE
+    (retried), every other INTERNAL or NOT_FOUND as it is."""
+    pytest.importorskip("tritonclient")
+    from student_workers.client.triton_transport import RESOURCE_EXHAUSTED_TAG, status_code
+
+    internal, unavailable = grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE
+    assert status_code(internal, "Stub process 'kdserve_teacher_0_0' is not healthy.") == unavailable
+    assert status_code(internal, "Failed to process the request(s) for model 'm'") == internal
+    assert status_code(grpc.StatusCode.UNKNOWN, "Stub process 'x' is not healthy.") == grpc.StatusCode.UNKNOWN
+    assert status_code(internal, RESOURCE_EXHAUSTED_TAG + "cap") == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_code(internal, None) == internal
+    loading = "Request for unknown model: 'kdserve_teacher' has no available versions"
+    assert status_code(grpc.StatusCode.NOT_FOUND, loading) == unavailable  # a restarted server, loading
+    assert status_code(grpc.StatusCode.NOT_FOUND, "Request for unknown model: 'x' is not found") \
+        == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.unit
 def test_triton_answer_with_another_requests_rows_is_data_loss():
     """Rows sent without keys get made-up ones (<request id>/<i>); an answer whose rows echo other
     keys is refused, and the made-up keys never reach the caller."""

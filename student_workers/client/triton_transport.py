@@ -62,9 +62,18 @@ _RAW_OUTPUT_CONTENTS = tpb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_out
 
 def status_code(code: grpc.StatusCode, details: str) -> grpc.StatusCode:
     """Triton's status for a call, with kdserve's RESOURCE_EXHAUSTED restored from the message tag
-    (Triton has no such code for per-request errors)."""
-    if (details or "").startswith(RESOURCE_EXHAUSTED_TAG):
+    (Triton has no such code for per-request errors), and a dead Python stub as UNAVAILABLE: Triton
+    answers INTERNAL "Stub process '...' is not healthy." until the server is restarted (kdserve's
+    launcher does it; Kubernetes would), and a restarting server answers NOT_FOUND "... has no
+    available versions" until its model has loaded: the client retries both within its budget, like
+    a server that is down."""
+    details = details or ""
+    if details.startswith(RESOURCE_EXHAUSTED_TAG):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if code == grpc.StatusCode.INTERNAL and details.startswith("Stub process") and "is not healthy" in details:
+        return grpc.StatusCode.UNAVAILABLE
+    if code == grpc.StatusCode.NOT_FOUND and details.endswith("has no available versions"):
+        return grpc.StatusCode.UNAVAILABLE  # a (re)starting server: listening, its model still loading
     return code
 
 

@@ -17,19 +17,25 @@ The official Triton image needs none of this: run its ``tritonserver`` on the re
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
+import psutil
+
 from kdserve.net import free_port
 from teacher_server import malloc
+
+log = logging.getLogger(__name__)
 
 
 class TritonNotFound(FileNotFoundError):
@@ -93,7 +99,7 @@ def server_env(root: Path | None = None, base: dict | None = None) -> dict[str, 
 
 @dataclass
 class TritonServer:
-    """A running tritonserver: its ports, process and log file."""
+    """A running tritonserver: its ports, process (the current one, after restarts) and log file."""
 
     process: subprocess.Popen
     grpc_port: int
@@ -101,6 +107,8 @@ class TritonServer:
     metrics_port: int
     log_path: Path
     models: list[str] = field(default_factory=list)
+    restarts: int = 0  # times the supervisor started it again (see run_tritonserver)
+    stopped: threading.Event = field(default_factory=threading.Event)  # set when it is down for good
 
     def address(self, model: str = "", host: str = "127.0.0.1") -> str:
         """``triton://host:grpc_port/<model>`` (the first model of the repository by default)."""
@@ -113,7 +121,16 @@ class TritonServer:
             return "(no log)"
 
     def wait(self) -> int:
+        """Block until the server is down for good (stopped, or out of restarts); its exit code."""
+        self.stopped.wait()
         return self.process.wait()
+
+    def stubs(self) -> list[psutil.Process]:
+        """The Python backend's stub processes (one per model instance), children of the server."""
+        with contextlib.suppress(psutil.Error):
+            return [p for p in psutil.Process(self.process.pid).children(recursive=True)
+                    if p.name().startswith("triton_python")]
+        return []
 
 
 def repository_models(repo: Path) -> list[str]:
@@ -172,6 +189,49 @@ def stop(process: subprocess.Popen, grace: float = 20.0) -> None:
 STUB_TIMEOUT_S = 120  # seconds; see run_tritonserver
 
 
+def lost(server: TritonServer, stubs: set[int]) -> str | None:
+    """Why the server cannot answer any more, or None: it exited, or a stub it started is gone.
+    Triton (2.51) does not restart a dead stub: its model answers INTERNAL 'Stub process ... is not
+    healthy' until the server restarts, while the server still reports itself live and ready."""
+    if server.process.poll() is not None:
+        return f"tritonserver exited with code {server.process.returncode}"
+    alive = {p.pid for p in server.stubs() if p.status() != psutil.STATUS_ZOMBIE}
+    if stubs - alive:
+        return f"its Python stub process(es) {sorted(stubs - alive)} died"
+    return None
+
+
+def supervise(server: TritonServer, launch, restarts: int, timeout: float, stopping: threading.Event) -> None:
+    """Start the server again (same ports, same repository) whenever ``lost`` says it cannot answer,
+    up to ``restarts`` times, as a Kubernetes liveness probe would restart its pod: the Python backend
+    dies under CPU starvation (a stub declared unhealthy; ``boost::interprocess::lock_exception``
+    aborting the server, triton-inference-server/server#8882), and clients retry UNAVAILABLE within
+    their budget while it comes back."""
+    try:
+        stubs = {p.pid for p in server.stubs()}
+        while not stopping.wait(1.0):
+            why = lost(server, stubs)
+            if why is None:
+                continue
+            if server.restarts >= restarts:
+                log.error("tritonserver: %s; no restarts left (%d used); log: %s", why, restarts, server.log_path)
+                return
+            server.restarts += 1
+            log.warning("tritonserver: %s; restarting it (%d of %d); log: %s", why, server.restarts, restarts,
+                        server.log_path)
+            stop(server.process, grace=5.0)
+            if stopping.is_set():
+                return
+            server.process = launch()
+            try:
+                wait_ready(server, timeout)
+            except TritonStartError as e:
+                log.error("tritonserver: restart %d failed: %s", server.restarts, str(e).splitlines()[0])
+            stubs = {p.pid for p in server.stubs()}
+    finally:
+        server.stopped.set()
+
+
 @contextlib.contextmanager
 def run_tritonserver(
     repo: str | Path,
@@ -185,13 +245,16 @@ def run_tritonserver(
     env: Mapping[str, str] | None = None,
     log_to_console: bool = False,
     log_dir: str | Path | None = None,
+    restarts: int = 5,
 ) -> Iterator[TritonServer]:
     """Start tritonserver on ``repo``, wait until it and its models are ready, stop it on exit.
 
     Ports 0 pick free ones. Raises ``TritonNotFound`` without the binary and ``TritonStartError``
     (with the server's log) when it exits or is not ready within ``timeout`` seconds. ``env``:
     extra environment of the server and its model stubs (e.g. ``OMP_NUM_THREADS``). ``log_dir``: where
-    ``tritonserver.log`` is written and kept (default: a temporary directory removed on exit).
+    ``tritonserver.log`` is written and kept (default: a temporary directory removed on exit; a
+    restarted server appends to it). ``restarts``: how many times a server that exits or loses a stub
+    is started again on the same ports (``supervise``); 0 leaves it down.
     """
     repo = Path(repo).resolve()
     models = repository_models(repo)
@@ -216,18 +279,30 @@ def run_tritonserver(
             f"--backend-config=python,stub-timeout-seconds={STUB_TIMEOUT_S}",
             *extra_args,
         ]
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                cmd, env={**server_env(root), **(env or {})}, stdin=subprocess.DEVNULL,
-                stdout=None if log_to_console else log, stderr=subprocess.STDOUT if not log_to_console else None,
-                start_new_session=True,
-            )
-        server = TritonServer(process, grpc_port, http_port, metrics_port, log_path, models)
+        log_path.write_bytes(b"")
+
+        def launch() -> subprocess.Popen:
+            with open(log_path, "ab") as out:
+                return subprocess.Popen(
+                    cmd, env={**server_env(root), **(env or {})}, stdin=subprocess.DEVNULL,
+                    stdout=None if log_to_console else out, stderr=subprocess.STDOUT if not log_to_console else None,
+                    start_new_session=True,
+                )
+
+        server = TritonServer(launch(), grpc_port, http_port, metrics_port, log_path, models)
+        stopping = threading.Event()
+        watcher = threading.Thread(target=supervise, args=(server, launch, restarts, timeout, stopping),
+                                   name="tritonserver-supervisor", daemon=True)
         try:
             wait_ready(server, timeout)
+            watcher.start()
             yield server
         finally:
-            stop(process)
+            stopping.set()
+            if watcher.is_alive():
+                watcher.join()
+            stop(server.process)
+            server.stopped.set()
 
 
 __all__ = [

@@ -180,3 +180,30 @@ def test_embedding_term_is_cosine_of_mean_pooled_last_blocks(teacher, info):
     assert total.item() == pytest.approx(expected, rel=1e-5)
     total.backward()
     assert d.emb_proj["text"].proj.weight.grad is not None  # 16 -> 32: a learnable projection
+
+
+def test_relational_embedding_term_is_the_neighbour_kl_of_the_students_own_embedding(teacher, info):
+    """embedding_loss relational: no projection (the student's width is never mapped), and the term is
+    mean_i KL(p^t_i || p^s_i) over softmax(cos / tau) of the other samples, written out per anchor."""
+    import math
+
+    d = make(info, embedding_weight=1.0, feature_weight=0.0, embedding_loss="relational", embedding_tau=0.1)
+    assert len(d.emb_proj) == 0
+    x = batch(3, b=5)
+    targets = targets_for(teacher, info, d.target_spec(), x)
+    total, terms = d(x, targets)
+    out = d.student(x)
+    n = [int(m.sum()) for m in x["attention_mask"]]
+    s = [out.hidden[-1][b, :n[b]].mean(0).detach() for b in range(5)]  # (D_s,) each, the student's own
+    t = [targets["hidden.text.4"][b, :n[b]].float().mean(0) for b in range(5)]
+    cos = lambda u, v: float(u @ v / (u.norm() * v.norm()))  # noqa: E731
+    expected = 0.0
+    for i in range(5):
+        zs = [math.exp(cos(s[i], s[j]) / 0.1) for j in range(5) if j != i]
+        zt = [math.exp(cos(t[i], t[j]) / 0.1) for j in range(5) if j != i]
+        ps, pt = [z / sum(zs) for z in zs], [z / sum(zt) for z in zt]
+        expected += sum(q * math.log(q / p) for p, q in zip(ps, pt))
+    expected /= 5
+    assert terms["emb.text"].item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.student.parameters())

@@ -27,6 +27,7 @@ from student_workers.losses import (
     feature_loss,
     gather_rows,
     masked_mean_pool,
+    relational_kl,
     token_nce,
 )
 from student_workers.losses.teacher_targets import need_target, student_attention, target_like, teacher_width
@@ -99,7 +100,7 @@ class Distiller(nn.Module):
                 self.queues[m] = TeacherQueue(t.hidden_size, cfg.nce_queue_size)
             if cfg.data2vec_weight > 0:
                 self.d2v_proj[m] = Projection(d_s, t.hidden_size)
-            if cfg.embedding_weight > 0:
+            if cfg.embedding_weight > 0 and cfg.embedding_loss == "pointwise":
                 self.emb_proj[m] = Projection(d_s, t.hidden_size)
         if cfg.data2vec_weight > 0 and (cfg.feature_weight > 0 or cfg.nce_weight > 0 or cfg.embedding_weight > 0):
             raise ValueError(
@@ -266,13 +267,16 @@ class Distiller(nn.Module):
     def _embedding(self, m, tm, v: ModuleView, targets):
         """The embedding a sentence encoder is used through: the masked mean of the last block's
         tokens (sentence-transformers' pooling), student (projected) vs teacher, by the configured
-        distance (cosine by default: retrieval compares directions). ``embedding_target`` pooled: the
-        teacher pooled its own tokens already (a (B, D_t) target)."""
+        distance (cosine by default: retrieval compares directions), or ``embedding_loss`` relational:
+        their in-batch neighbour distributions. ``embedding_target`` pooled: the teacher pooled its own
+        tokens already (a (B, D_t) target)."""
         key = f"{'pooled' if self.pooled else 'hidden'}.{tm}.{self.teacher_info[m].num_layers}"
         if self.pooled:
             teacher = target_like(need_target(targets, key), v.hidden[-1][:, 0])  # (B, D_t): pooled by the teacher
         else:
             teacher = masked_mean_pool(target_like(need_target(targets, key), v.hidden[-1]), v.mask)  # (B, D_t)
+        if self.cfg.embedding_loss == "relational":  # the student's own embedding, no projection
+            return relational_kl(masked_mean_pool(v.hidden[-1], v.mask), teacher, self.cfg.embedding_tau)  # (B, D_s)
         student = masked_mean_pool(self.emb_proj[m](v.hidden[-1]), v.mask)  # (B, D_t)
         return feature_loss(student, teacher, self.cfg.embedding_kind)
 

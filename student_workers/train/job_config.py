@@ -150,6 +150,11 @@ class TermsSection(Strict):
         0.0, ge=0, description="Weight of the pooled-embedding loss: masked mean of the last block, student (projected) "
         "vs teacher, what a sentence encoder is used through.")
     embedding_kind: str = Field("cosine", description="Distance of the embedding loss (registry kind feature_distance).")
+    embedding_loss: Literal["pointwise", "relational"] = Field(
+        "pointwise", description="pointwise: embedding_kind between the student's embedding, projected to the teacher's "
+        "width, and the teacher's; relational: KL between their in-batch neighbour distributions (no projection; "
+        "docs/methods.md#relational-embedding-loss).")
+    embedding_tau: float = Field(0.05, gt=0, description="Temperature of the relational embedding loss's similarities.")
     embedding_target: Literal["tokens", "pooled"] = Field(
         "tokens", description="What the embedding loss asks the teacher for: tokens (its last block, pooled over the "
         "student's mask: same tokenizer only) or pooled (its own sentence embedding, hidden_reduction mean over its own "

@@ -379,11 +379,12 @@ def test_a_lost_stub_or_server_is_restarted_and_the_client_rides_it_out(tmp_path
             stubs[0].send_signal(signal.SIGKILL)
             assert torch.allclose(client.get_targets(x, spec)["logits"], ref, atol=1e-5)
             assert server.restarts == 1 and server.grpc_port == port and server.stubs()[0].pid != stubs[0].pid
-            aborted = server.process
+            aborted, orphans = server.process, server.stubs()
             aborted.send_signal(signal.SIGABRT)  # as the backend's lock_exception aborts it
             aborted.wait(timeout=60)
             assert torch.allclose(client.get_targets(x, spec)["logits"], ref, atol=1e-5)
             assert server.restarts == 2
+            assert not any(p.is_running() and p.status() != "zombie" for p in orphans)  # the old stubs went too
         finally:
             client.close()
         assert not server.stopped.is_set()

@@ -170,9 +170,13 @@ def stop(process: subprocess.Popen, grace: float = 20.0) -> None:
     """SIGTERM (Triton unloads its models and stops its stubs); after ``grace`` s, SIGKILL its group.
 
     The server runs in its own session (start_new_session), so its process group holds only it
-    and its Python stubs; it is killed while the server is still alive, so the group id is ours.
+    and its Python stubs, with the server's pid as its id (Linux hands out no pid still used as a
+    group id, so the group is ours while any stub is in it). A server that died on its own (an
+    abort) may leave its stubs behind: the group is killed then too.
     """
     if process.poll() is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
         return
     process.send_signal(signal.SIGTERM)
     try:

@@ -33,7 +33,9 @@ from teacher_server.triton.launch import run_tritonserver  # noqa: E402
 from teacher_server.triton.repository import main as generate, write_repository  # noqa: E402
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-FAST = dict(timeout=30.0, max_retries=1, backoff_s=0.05)
+# Bad input is never retried, so errors come back at once; the budget is for a server that the
+# launcher restarts under the test (Triton's Python backend can crash under CPU starvation).
+FAST = dict(timeout=30.0, retry_budget_s=120.0, backoff_s=0.2)
 # The same teacher as the session's Ray Serve app "teacher" (tests/conftest.serve_teachers):
 # same weights, so the same fingerprint, and the same limits.
 VIT = tiny_vit_config(triton={"batch_wait_timeout_s": 0.05}, max_batch_size=8, max_request_bytes=1 << 20)
@@ -56,6 +58,14 @@ def triton(tmp_path_factory, vit_engine_local):
 @pytest.fixture(scope="module")
 def address(triton):
     return triton.address(MODEL_NAME)
+
+
+@pytest.fixture(autouse=True)
+def _triton_up(request):
+    """A test that uses the module's server starts once it answers: after a crash between tests, the
+    launcher's restart (run_tritonserver's supervisor) has finished."""
+    if "triton" in request.fixturenames or "address" in request.fixturenames:
+        assert request.getfixturevalue("triton").up.wait(300), "tritonserver did not come back within 300 s"
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:
@@ -379,6 +389,7 @@ def test_a_lost_stub_or_server_is_restarted_and_the_client_rides_it_out(tmp_path
             stubs[0].send_signal(signal.SIGKILL)
             assert torch.allclose(client.get_targets(x, spec)["logits"], ref, atol=1e-5)
             assert server.restarts == 1 and server.grpc_port == port and server.stubs()[0].pid != stubs[0].pid
+            assert server.up.wait(60)  # the supervisor saw it ready (its poll may trail the request)
             aborted, orphans = server.process, server.stubs()
             aborted.send_signal(signal.SIGABRT)  # as the backend's lock_exception aborts it
             aborted.wait(timeout=60)

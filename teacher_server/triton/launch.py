@@ -108,6 +108,7 @@ class TritonServer:
     log_path: Path
     models: list[str] = field(default_factory=list)
     restarts: int = 0  # times the supervisor started it again (see run_tritonserver)
+    up: threading.Event = field(default_factory=threading.Event)  # set while it answers (cleared during a restart)
     stopped: threading.Event = field(default_factory=threading.Event)  # set when it is down for good
 
     def address(self, model: str = "", host: str = "127.0.0.1") -> str:
@@ -220,6 +221,7 @@ def supervise(server: TritonServer, launch, restarts: int, timeout: float, stopp
             if server.restarts >= restarts:
                 log.error("tritonserver: %s; no restarts left (%d used); log: %s", why, restarts, server.log_path)
                 return
+            server.up.clear()
             server.restarts += 1
             log.warning("tritonserver: %s; restarting it (%d of %d); log: %s", why, server.restarts, restarts,
                         server.log_path)
@@ -229,6 +231,7 @@ def supervise(server: TritonServer, launch, restarts: int, timeout: float, stopp
             server.process = launch()
             try:
                 wait_ready(server, timeout)
+                server.up.set()
             except TritonStartError as e:
                 log.error("tritonserver: restart %d failed: %s", server.restarts, str(e).splitlines()[0])
             stubs = {p.pid for p in server.stubs()}
@@ -299,6 +302,7 @@ def run_tritonserver(
                                    name="tritonserver-supervisor", daemon=True)
         try:
             wait_ready(server, timeout)
+            server.up.set()
             watcher.start()
             yield server
         finally:

@@ -301,6 +301,23 @@ def test_plot_cli_writes_png(tmp_path):
 
 
 @pytest.mark.unit
+def test_plot_labels_unplayed_arms_and_leaves_the_baseline_out_of_the_frequencies():
+    from student_workers.optima.plot import arm_frequencies, arm_labels
+
+    # The baseline plays all modules (index 6); warm-up plays 4 then 0 then 4: "txt" (1) never.
+    rec = lambda rnd, idx, arm, phase: {"round": rnd, "arm": arm, "arm_index": idx, "phase": phase,
+                                         "reward": None if phase == "baseline" else 0.1, "means": [0.0] * 7}
+    records = [rec(0, 6, ["img", "txt", "multi"], "baseline"), rec(1, 4, ["img", "multi"], "warmup"),
+               rec(2, 0, ["img"], "warmup"), rec(3, 4, ["img", "multi"], "warmup")]
+    assert arm_labels(records) == ["img", "txt", "multi", "img+txt", "img+multi", "txt+multi", "img+txt+multi"]
+    spans, freq = arm_frequencies(records, phases=1)
+    assert spans == [(1, 3)]
+    assert freq[0] == pytest.approx([1 / 3, 0, 0, 0, 2 / 3, 0, 0])
+    # Without the all-modules arm in the log the labels cannot be known: a placeholder, never a wrong name.
+    assert arm_labels(records[1:])[1] == "arm 1"
+
+
+@pytest.mark.unit
 def test_log_round_appends_one_json_line_per_round(tmp_path):
     recs = [{"round": i, "arm": ["img"], "arm_index": 0, "reward": None, "means": [0.0]} for i in range(2)]
     for i, rec in enumerate(recs):

@@ -19,6 +19,9 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from student_workers.optima.arms import all_arms
+from student_workers.optima.scheduler import PHASE_BASELINE
+
 REQUIRED_KEYS = ("round", "arm", "arm_index", "reward", "means")
 
 
@@ -40,8 +43,16 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 def arm_labels(records: Sequence[dict[str, Any]]) -> list[str]:
-    """Label of each arm index; arms never played in the log get a placeholder name."""
+    """Label of each arm index, including arms the log never played.
+
+    The arms are every non-empty subset of the modules in :func:`all_arms` order, so the arm with
+    all modules (the one the baseline round plays) names them all; a log without it falls back to a
+    placeholder for unplayed arms.
+    """
     num_arms = max(len(records[0]["means"]), 1 + max(int(r["arm_index"]) for r in records))
+    widest = max((r["arm"] for r in records), key=len)
+    if 2 ** len(widest) - 1 == num_arms:
+        return ["+".join(arm) for arm in all_arms(widest)]
     labels = [f"arm {k}" for k in range(num_arms)]
     for r in records:
         labels[int(r["arm_index"])] = "+".join(r["arm"])
@@ -51,10 +62,12 @@ def arm_labels(records: Sequence[dict[str, Any]]) -> list[str]:
 def arm_frequencies(records: Sequence[dict[str, Any]], phases: int) -> tuple[list[tuple[int, int]], list[list[float]]]:
     """Fraction of rounds each arm was played in ``phases`` equal slices of the log.
 
-    Returns ``(spans, freq)``: ``spans[p]`` is the (first, last) round of slice ``p`` and
+    The baseline round is left out: it measures the all-modules student before any arm is chosen,
+    so it is not a play of the bandit. Returns ``(spans, freq)``: ``spans[p]`` is the (first, last) round of slice ``p`` and
     ``freq[p][k]`` the fraction of that slice's rounds that played arm ``k``.
     """
     num_arms = len(arm_labels(records))
+    records = [r for r in records if r.get("phase") != PHASE_BASELINE] or list(records)
     phases = max(1, min(int(phases), len(records)))
     spans, freq = [], []
     for p in range(phases):

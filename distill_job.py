@@ -19,7 +19,7 @@ import sys
 
 from kdjob.cluster import teardown
 from kdjob.distill import run_job
-from kdjob.fit import TeacherGone
+from kdjob.fit import TeacherGone, Terminated
 from kdjob.several import check_job
 from kdserve.errors import one_line
 
@@ -51,6 +51,10 @@ def main(argv=None) -> int:
         return run_job(cfg, args.ray_address, args.skip_eval)
     except TeacherGone as e:  # the run is stopped; the line comes after Ray's teardown (below)
         gone = e
+    except Terminated:  # fit() already aborted the run
+        print("error: stopped by SIGTERM; rerun with the same run.name to resume from its last checkpoint",
+              file=sys.stderr)
+        return 143
     except KeyboardInterrupt:  # fit() already aborted the run
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -3,10 +3,16 @@ run at once (``TeacherGone``) instead of a restart that waits out the retry budg
 from __future__ import annotations
 
 import os
+import signal as signals
 import threading
 from pathlib import Path
 
 from kdserve.errors import one_line
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached the driver (``ray job stop``, ``kubectl delete``, a scheduler's preemption): the
+    run is aborted as Ctrl-C aborts it, and its checkpoints stay for a rerun with the same name."""
 
 
 class TeacherGone(RuntimeError):
@@ -75,6 +81,7 @@ def fit_watched(trainer, signal, poll_s: float):
 
     thread = threading.Thread(target=run, name="kdserve-fit", daemon=True)
     thread.start()
+    previous = on_sigterm_raise()
     try:
         while thread.is_alive():
             thread.join(poll_s)
@@ -86,12 +93,29 @@ def fit_watched(trainer, signal, poll_s: float):
     except KeyboardInterrupt:
         abort_run(signal)
         raise
+    finally:
+        if previous is not None:
+            signals.signal(signals.SIGTERM, previous)
     reason = abort_reason(signal)  # a worker that recorded it and raised after all
     if reason:
         raise TeacherGone(reason)
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+def on_sigterm_raise():
+    """Make SIGTERM raise :class:`Terminated` in this (main) thread; returns the handler it replaced.
+
+    Ray's core worker otherwise takes the signal in C++ and aborts the driver with a stack dump,
+    leaving the workers to notice their driver's death on their own."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated("SIGTERM")
+
+    return signals.signal(signals.SIGTERM, handler)
 
 
 def abort_reason(signal) -> str | None:

@@ -129,3 +129,25 @@ def test_serve_config_is_valid_and_points_at_the_code():
     module, attr = app.import_path.split(":")
     assert callable(getattr(__import__(module, fromlist=[attr]), attr))
     TeacherConfig(**app.args)  # every arg is a known TeacherConfig field
+
+
+@pytest.mark.unit
+def test_sigterm_during_a_fit_raises_terminated_as_ctrl_c_would():
+    """distill_job's driver turns SIGTERM (ray job stop, kubectl delete) into ``Terminated``, a
+    KeyboardInterrupt, so fit_watched aborts the run as for Ctrl-C; the old handler comes back."""
+    from kdjob.fit import Terminated, on_sigterm_raise
+
+    def mine(signum, frame):
+        raise AssertionError("the old handler ran")
+
+    old = signal.signal(signal.SIGTERM, mine)
+    try:
+        previous = on_sigterm_raise()
+        assert previous is mine
+        with pytest.raises(KeyboardInterrupt) as caught:
+            signal.raise_signal(signal.SIGTERM)
+        assert isinstance(caught.value, Terminated)
+        signal.signal(signal.SIGTERM, previous)
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, old)

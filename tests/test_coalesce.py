@@ -18,17 +18,25 @@ def work(n: int, tag: float) -> Work:
 
 
 class SlowEngine:
-    """Records the requests of each forward; answers each request with its own input doubled."""
+    """Records the requests of each forward; answers each request with its own input doubled.
 
-    def __init__(self, seconds: float = 0.2, fail_on: float | None = None):
+    With ``hold_first`` the first forward waits for ``gate``: a test queues what must arrive
+    "mid-forward" and then opens it, so no scheduling delay of a busy machine can end the forward
+    before the requests are queued (a timed window alone made these tests flaky under load).
+    """
+
+    def __init__(self, seconds: float = 0.2, fail_on: float | None = None, hold_first: bool = False):
         self.seconds, self.fail_on, self.forwards = seconds, fail_on, []
-        self.busy = threading.Event()
+        self.busy = threading.Event()  # set once the first forward has started; never cleared
+        self.gate = threading.Event()
+        if not hold_first:
+            self.gate.set()
 
     def run(self, works):
         self.forwards.append([float(w.inputs["x"][0, 0]) for w in works])
         self.busy.set()
+        assert self.gate.wait(60)
         time.sleep(self.seconds)
-        self.busy.clear()
         if self.fail_on is not None and any(float(w.inputs["x"][0, 0]) == self.fail_on for w in works):
             raise RuntimeError("forward failed")
         samples = sum(w.inputs["x"].shape[0] for w in works)
@@ -40,8 +48,14 @@ async def _wait_busy(engine: SlowEngine):
         await asyncio.sleep(0.005)
 
 
+async def _open(engine: SlowEngine):
+    """Let the tasks created so far queue their requests (admission is synchronous), then end the held forward."""
+    await asyncio.sleep(0)
+    engine.gate.set()
+
+
 def test_requests_arriving_mid_forward_share_the_next_forward():
-    engine = SlowEngine()
+    engine = SlowEngine(hold_first=True)
     seen = []
     c = Coalescer(engine.run, max_samples=64, on_batch=lambda s: seen.append(s.requests))
 
@@ -49,6 +63,7 @@ def test_requests_arriving_mid_forward_share_the_next_forward():
         first = asyncio.create_task(c.submit([work(1, 0.0)]))
         await _wait_busy(engine)
         rest = [asyncio.create_task(c.submit([work(1, float(i))])) for i in range(1, 6)]
+        await _open(engine)
         return await first, await asyncio.gather(*rest)
 
     first, rest = asyncio.run(main())
@@ -72,13 +87,14 @@ def test_max_samples_splits_forwards_in_arrival_order():
 
 
 def test_a_failed_forward_fails_its_requests_only():
-    engine = SlowEngine(seconds=0.05, fail_on=1.0)
+    engine = SlowEngine(seconds=0.05, fail_on=1.0, hold_first=True)
     c = Coalescer(engine.run, max_samples=64)
 
     async def main():
         bad = asyncio.create_task(c.submit([work(1, 1.0)]))
         await _wait_busy(engine)
         good = asyncio.create_task(c.submit([work(1, 2.0)]))
+        await _open(engine)
         with pytest.raises(RuntimeError, match="forward failed"):
             await bad
         return await good
@@ -95,7 +111,7 @@ def test_light_experiment_gets_into_the_next_forward_under_a_flood():
     """Counts only: which forward the light request lands in, fair vs FIFO."""
 
     def forwards_until_light(scheduler: str) -> int:
-        engine = SlowEngine(seconds=0.02)
+        engine = SlowEngine(seconds=0.02, hold_first=True)
         c = Coalescer(engine.run, max_samples=64, scheduler=scheduler)
 
         async def main():
@@ -104,6 +120,7 @@ def test_light_experiment_gets_into_the_next_forward_under_a_flood():
             flood = [asyncio.create_task(c.submit([xwork(32, float(i), "flood")])) for i in range(20)]
             await asyncio.sleep(0)  # all flood requests queued before the light one
             light = asyncio.create_task(c.submit([xwork(2, 100.0, "light")]))
+            await _open(engine)
             await asyncio.gather(first, light, *flood)
 
         asyncio.run(main())
@@ -114,7 +131,7 @@ def test_light_experiment_gets_into_the_next_forward_under_a_flood():
 
 
 def test_cancelled_work_is_never_computed():
-    engine = SlowEngine(seconds=0.05)
+    engine = SlowEngine(seconds=0.05, hold_first=True)
     c = Coalescer(engine.run, max_samples=64)
 
     async def main():
@@ -122,8 +139,9 @@ def test_cancelled_work_is_never_computed():
         await _wait_busy(engine)
         gone = asyncio.create_task(c.submit([xwork(1, 1.0, "b")]))
         kept = asyncio.create_task(c.submit([xwork(1, 2.0, "a")]))
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(0)
         gone.cancel()  # the client went away while queued
+        await _open(engine)
         await asyncio.gather(first, kept)
         assert gone.cancelled()
 

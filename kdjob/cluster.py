@@ -41,6 +41,7 @@ def start_ray(cfg, ray_address: str | None):
         # loopback, and its actors are told where it is.
         port = free_port()
         env["RAY_ADDRESS"] = f"http://127.0.0.1:{port}"
+        serve_logs_to_files()
         init_local(num_cpus=cfg.run.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                    dashboard_port=port, runtime_env={"env_vars": env}, logging_config=quiet)
         SESSION.own_cluster = True
@@ -53,9 +54,19 @@ def start_ray(cfg, ray_address: str | None):
 SLOW_START = "The current node timed out during startup"  # ray/_private/node.py
 
 
+def serve_logs_to_files() -> None:
+    """Serve's controller, proxy and replicas of a cluster this job starts log to their files only
+    (``<session>/logs/serve/``), not through the driver: on a busy machine their WARNINGs ("proxy
+    readiness check didn't complete", "failed to get queue length") outnumbered the job's own lines
+    two to one. Set before the cluster starts, as its processes read it at import; a user's
+    ``RAY_SERVE_LOG_TO_STDERR`` wins."""
+    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+
+
 def init_local(attempts: int = 3, **kwargs):
     """``ray.init(address="local", **kwargs)``, started afresh when the raylet misses the fixed 30 s
-    Ray gives it to register with the GCS: on a busy 2-core machine it can, and the next start
+    Ray gives it to register with the GCS, or aborts because the dashboard agent took over 15 s to
+    write its ports (ray-project/ray#65983): on a busy 2-core machine both happen, and the next start
     succeeds. The processes a failed start left behind are killed first; after the last, a
     RuntimeError in one line."""
     import psutil
@@ -78,7 +89,7 @@ def init_local(attempts: int = 3, **kwargs):
                         pass
             if attempt == attempts - 1:
                 raise RuntimeError(f"Ray: the local cluster did not start in {attempts} tries (each time its raylet "
-                                   "missed Ray's 30 s to register; is the machine overloaded?)") from e
+                                   "did not come up in Ray's fixed time; is the machine overloaded?)") from e
 
 
 def check_worker_placement(cfg) -> None:

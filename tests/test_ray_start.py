@@ -3,6 +3,9 @@ is tried again; any other failure surfaces at once. ``ray.init`` is replaced by 
 records its calls (no process starts)."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from kdjob import cluster
@@ -60,3 +63,16 @@ def test_any_other_failure_is_raised_at_once(fake_ray):
     with pytest.raises(ValueError, match="num_cpus"):
         cluster.init_local(num_cpus=-1)
     assert len(fake.inits) == 1 and fake.shutdowns == 0
+
+
+def test_the_jobs_own_cluster_keeps_serve_logs_in_files_unless_the_user_says_otherwise(monkeypatch):
+    # the variable is the one Serve reads (its name is not part of Ray's public API)
+    import ray.serve._private.constants as serve_constants
+
+    assert 'get_env_bool("RAY_SERVE_LOG_TO_STDERR"' in Path(serve_constants.__file__).read_text()
+    monkeypatch.delenv("RAY_SERVE_LOG_TO_STDERR", raising=False)
+    cluster.serve_logs_to_files()
+    assert os.environ["RAY_SERVE_LOG_TO_STDERR"] == "0"
+    monkeypatch.setenv("RAY_SERVE_LOG_TO_STDERR", "1")
+    cluster.serve_logs_to_files()
+    assert os.environ["RAY_SERVE_LOG_TO_STDERR"] == "1"

@@ -11,6 +11,7 @@ configured.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -68,6 +69,26 @@ def stop_for_good(signal: Any, error: BaseException, wait_s: float = TEARDOWN_WA
     raise error
 
 
+# Ray Train's controller asks its autoscaling coordinator for resources every 20 s and, when no answer
+# comes within 5 s, logs a warning with a traceback that Ray itself calls safe to ignore on an
+# overloaded CPU. Forwarded to the driver, it is a traceback among the job's lines on a busy machine.
+COORDINATOR_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+COORDINATOR_TIMEOUT = "Failed to send resource request"
+
+
+class _DropCoordinatorTimeouts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(COORDINATOR_TIMEOUT)
+
+
+def quiet_controller_logs() -> None:
+    """In the Train controller's process: drop the coordinator's transient timeout warning; every
+    other line of the controller still reaches the driver."""
+    logger = logging.getLogger(COORDINATOR_LOGGER)
+    if not any(isinstance(f, _DropCoordinatorTimeouts) for f in logger.filters):
+        logger.addFilter(_DropCoordinatorTimeouts())
+
+
 def controller_callback(signal: Any):
     """A Ray Train controller callback that hands the controller's handle to ``signal``, so the
     driver can abort the run the way Ray Train's own Ctrl-C handler does (``controller.abort``).
@@ -82,6 +103,7 @@ def controller_callback(signal: Any):
             self.signal = sig
 
         def after_controller_start(self, train_run_context) -> None:
+            quiet_controller_logs()
             ray.get(self.signal.attach.remote(ray.get_runtime_context().current_actor))
 
     return _AttachController(signal)

@@ -9,6 +9,9 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/kdserve-load-proof}
+# the KubeRay CRDs of the k8s/ tests, where .ci/run finds them; without them those tests skip
+CRDS="$(cd .. && pwd)/shared/k8s/kuberay-crds-v1.7.0"
+if [ -z "${KDSERVE_KUBERAY_CRDS:-}" ] && [ -d "$CRDS" ]; then export KDSERVE_KUBERAY_CRDS="$CRDS"; fi
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT"
 : > "$OUT/quickstart.log"

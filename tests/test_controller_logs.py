@@ -34,3 +34,24 @@ def test_the_coordinator_timeout_is_dropped_and_other_warnings_pass(caplog):
         assert [r.getMessage() for r in caplog.records] == ["the coordinator is gone"]
     finally:
         logger.filters[:] = before
+
+
+def test_the_filter_is_in_place_once_the_callback_reaches_the_controller():
+    """Ray's scaling policy sends its first request from its own after_controller_start, which runs
+    before the job's: the filter goes in when the callback is unpickled in the controller."""
+    import pickle
+
+    import ray.cloudpickle
+
+    from student_workers.train.abort import controller_callback
+
+    logger = logging.getLogger(COORDINATOR_LOGGER)
+    before = list(logger.filters)
+    try:
+        blob = ray.cloudpickle.dumps(controller_callback("signal"))
+        assert len(logger.filters) == len(before)  # the driver's loggers are left alone
+        callback = pickle.loads(blob)
+        assert callback.signal == "signal"
+        assert len(logger.filters) == len(before) + 1
+    finally:
+        logger.filters[:] = before

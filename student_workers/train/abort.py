@@ -102,8 +102,13 @@ def controller_callback(signal: Any):
         def __init__(self, sig):
             self.signal = sig
 
-        def after_controller_start(self, train_run_context) -> None:
+        def __setstate__(self, state) -> None:
+            # unpickled in the controller's process before any hook runs: Ray's own scaling policy
+            # sends its first resource request from its after_controller_start, before this one's
             quiet_controller_logs()
+            self.__dict__.update(state)
+
+        def after_controller_start(self, train_run_context) -> None:
             ray.get(self.signal.attach.remote(ray.get_runtime_context().current_actor))
 
     return _AttachController(signal)

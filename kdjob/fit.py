@@ -94,7 +94,7 @@ def fit_watched(trainer, signal, poll_s: float):
         abort_run(signal)
         raise
     finally:
-        if previous is not None:
+        if previous is not None:  # None: not installed (not the main thread)
             signals.signal(signals.SIGTERM, previous)
     reason = abort_reason(signal)  # a worker that recorded it and raised after all
     if reason:
@@ -105,7 +105,8 @@ def fit_watched(trainer, signal, poll_s: float):
 
 
 def on_sigterm_raise():
-    """Make SIGTERM raise :class:`Terminated` in this (main) thread; returns the handler it replaced.
+    """Make SIGTERM raise :class:`Terminated` in this (main) thread; returns the handler to restore
+    after the fit (``SIG_DFL`` where the one replaced was not Python's), or None when not installed.
 
     Ray's core worker otherwise takes the signal in C++ and aborts the driver with a stack dump,
     leaving the workers to notice their driver's death on their own."""
@@ -115,7 +116,8 @@ def on_sigterm_raise():
     def handler(signum, frame):
         raise Terminated("SIGTERM")
 
-    return signals.signal(signals.SIGTERM, handler)
+    previous = signals.signal(signals.SIGTERM, handler)
+    return signals.SIG_DFL if previous is None else previous
 
 
 def abort_reason(signal) -> str | None:

@@ -148,16 +148,16 @@ def _start_head(ray: str, log: Path) -> tuple[subprocess.Popen, str, dict]:
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
            "RAY_ADDRESS": f"127.0.0.1:{gcs}",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen(
-        [ray, "start", "--head", "--block", f"--port={gcs}",
-         "--num-cpus=4", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-         # the session cluster holds Ray's default agent ports: a second node on this machine needs its own
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-         "--disable-usage-stats"],
-        # to a file: a pipe would stay open while any of the head's children lives
-        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    with log.open("w") as out:  # to a file: a pipe would stay open while any of the head's children lives
+        proc = subprocess.Popen(
+            [ray, "start", "--head", "--block", f"--port={gcs}",
+             "--num-cpus=4", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+             # the session cluster holds Ray's default agent ports: a second node on this machine needs its own
+             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+             "--disable-usage-stats"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     return proc, f"http://127.0.0.1:{dash}", env
 
 

@@ -63,8 +63,8 @@ def arm_frequencies(records: Sequence[dict[str, Any]], phases: int) -> tuple[lis
     """Fraction of rounds each arm was played in ``phases`` equal slices of the log.
 
     The baseline round is left out: it measures the all-modules student before any arm is chosen,
-    so it is not a play of the bandit. Returns ``(spans, freq)``: ``spans[p]`` is the (first, last) round of slice ``p`` and
-    ``freq[p][k]`` the fraction of that slice's rounds that played arm ``k``.
+    so it is not a play of the bandit. Returns ``(spans, freq)``: ``spans[p]`` is the (first, last)
+    round of slice ``p`` and ``freq[p][k]`` the fraction of that slice's rounds that played arm ``k``.
     """
     num_arms = len(arm_labels(records))
     records = [r for r in records if r.get("phase") != PHASE_BASELINE] or list(records)

@@ -17,7 +17,8 @@ from scipy.stats import spearmanr
 from student_workers.data.tokenizer import load_tokenizer
 from student_workers.eval.downstream.config import DownstreamConfig
 from student_workers.eval.downstream.encoder import TextEncoder, teacher_as_student
-from student_workers.eval.downstream.wordnet_tasks import read_synsets, reverse_dictionary
+from student_workers.data.synsets import read_synsets
+from student_workers.eval.downstream.wordnet_tasks import reverse_dictionary
 
 
 def encoder(spec: str):

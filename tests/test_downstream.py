@@ -15,13 +15,8 @@ from student_workers.eval.downstream.finetune import bert_levels, layer_decay_gr
 from student_workers.eval.downstream.probe import linear_probe, majority_accuracy
 from student_workers.eval.downstream.report import format_table
 from student_workers.eval.downstream.retrieval import recall_at_k
-from student_workers.eval.downstream.wordnet_tasks import (
-    LEXNAMES,
-    lexname_task,
-    mentions,
-    read_synsets,
-    reverse_dictionary,
-)
+from student_workers.data.synsets import LEXNAMES, mentions, read_synsets
+from student_workers.eval.downstream.wordnet_tasks import lexname_task, reverse_dictionary
 from student_workers.models.base import StudentConfig
 from student_workers.models.build import build_student
 

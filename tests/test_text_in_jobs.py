@@ -148,10 +148,36 @@ def test_max_sentences_is_a_fixed_subset_of_the_split(tmp_path):
     assert set(a.sentences) == set(want)
 
 
+
+@unit
+def test_wordnet_pairs_train_on_no_evaluated_synset_nor_its_answer():
+    from student_workers.data.synsets import is_held_out, read_synsets, wordnet_pairs
+    from student_workers.data.text import collate_text
+    from student_workers.data.tokenizer import load_tokenizer
+
+    pairs = wordnet_pairs(held_out_fraction=0.10).pairs
+    held = [s for s in read_synsets(0.10) if s.held_out]  # the test synsets (0.05) and the validation band
+    held_words = {s.headword for s in held}
+    held_parts = {p for s in held for p in s.definition.split("; ")}
+    assert len(pairs) > 20000 and len(set(pairs)) == len(pairs)
+    for d, w in pairs:
+        parts = d.split("; ")
+        assert w not in held_words and not set(parts) & held_parts
+        assert not any(is_held_out(p, 0.10) or len(p.split()) < 2 for p in parts)
+        assert w.lower() not in d.lower().split()  # the definition does not name its answer
+    sub = wordnet_pairs(held_out_fraction=0.10, max_pairs=500).pairs
+    want = sorted(pairs, key=lambda p: hashlib.sha256(p[0].encode()).digest())[:500]  # independently
+    chosen = set(want)
+    assert len(sub) == 500 and set(sub) == chosen and sub == [p for p in pairs if p in chosen]  # file order
+    batch = collate_text(load_tokenizer("minilm"), 32, keep_texts=True)(sub[:3])
+    assert batch["texts"] == [t for p in sub[:3] for t in p]  # each definition beside its answer
+    assert batch["input_ids"].shape[0] == 6 == batch["attention_mask"].shape[0]
+
 @unit
 def test_validation_band_leaves_out_every_test_synset_and_what_training_saw():
     from student_workers.data.text import wordnet
-    from student_workers.eval.downstream.wordnet_tasks import is_held_out, read_synsets, validation_synsets
+    from student_workers.data.synsets import is_held_out, read_synsets
+    from student_workers.eval.downstream.wordnet_tasks import validation_synsets
 
     at, twice = read_synsets(0.05), read_synsets(0.10)
     val = validation_synsets(at, twice)

@@ -374,27 +374,30 @@ def test_the_server_log_is_kept_where_asked(triton):
 def test_a_lost_stub_or_server_is_restarted_and_the_client_rides_it_out(tmp_path, vit_engine_local):
     """Triton 2.51 never restarts a dead Python stub (its model answers INTERNAL 'not healthy' while the
     server says it is ready), and the backend can abort the whole server under CPU starvation. The
-    launcher starts the server again on the same ports; the client's retries carry a request across."""
+    launcher starts the server again on the same ports (again, if a restart is not ready in time); the
+    client's retries carry a request across. Its retry budget covers restarts at any load."""
     import signal
 
     write_repository(VIT, tmp_path / "repo", engine=vit_engine_local)
     x, spec = {"pixel_values": images(2, seed=9)}, pb.TargetSpec(logits=True)
     ref = local(vit_engine_local, x, spec)["logits"]
-    with run_tritonserver(tmp_path / "repo", log_dir=tmp_path, restarts=2) as server:
-        port, client = server.grpc_port, SyncTeacherClient(server.address(MODEL_NAME), timeout=30.0)
+    with run_tritonserver(tmp_path / "repo", log_dir=tmp_path, restarts=4) as server:
+        port = server.grpc_port
+        client = SyncTeacherClient(server.address(MODEL_NAME), timeout=30.0, retry_budget_s=900.0)
         try:
             assert torch.allclose(client.get_targets(x, spec)["logits"], ref, atol=1e-5)
             stubs = server.stubs()
             assert len(stubs) == 1
             stubs[0].send_signal(signal.SIGKILL)
             assert torch.allclose(client.get_targets(x, spec)["logits"], ref, atol=1e-5)
-            assert server.restarts == 1 and server.grpc_port == port and server.stubs()[0].pid != stubs[0].pid
-            assert server.up.wait(60)  # the supervisor saw it ready (its poll may trail the request)
+            assert server.up.wait(300)  # the supervisor saw it ready (its poll may trail the request)
+            first = server.restarts
+            assert first >= 1 and server.grpc_port == port and server.stubs()[0].pid != stubs[0].pid
             aborted, orphans = server.process, server.stubs()
             aborted.send_signal(signal.SIGABRT)  # as the backend's lock_exception aborts it
             aborted.wait(timeout=60)
             assert torch.allclose(client.get_targets(x, spec)["logits"], ref, atol=1e-5)
-            assert server.restarts == 2
+            assert server.restarts > first and server.grpc_port == port
             assert not any(p.is_running() and p.status() != "zombie" for p in orphans)  # the old stubs went too
         finally:
             client.close()

@@ -10,7 +10,7 @@ Text: datasets yield sentences (``str``); :func:`student_workers.data.text.colla
 TEACHER's tokenizer so both sides see the same tokens.
 
 Registered as ``kdserve.registry.get("dataset", name)`` (see :func:`build_dataset`):
-``sklearn_images``, ``sklearn_digits``, ``image_folder``, ``wordnet``, ``text_file``."""
+``sklearn_images``, ``sklearn_digits``, ``image_folder``, ``wordnet``, ``wordnet_pairs``, ``text_file``."""
 from __future__ import annotations
 
 from typing import Any
@@ -18,9 +18,9 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from kdserve.registry import get
-from student_workers.data import emoji, emoji_images, images, text
+from student_workers.data import emoji, emoji_images, images, synsets, text
 
-DATASET_MODULES = (emoji, emoji_images, images, text)  # imported for their @register("dataset", ...) lines
+DATASET_MODULES = (emoji, emoji_images, images, synsets, text)  # imported for their @register("dataset", ...) lines
 
 
 def build_dataset(name: str, **kwargs: Any) -> Dataset:

@@ -128,15 +128,22 @@ def text_file(path: str, split: str = "all", held_out_fraction: float = 0.05) ->
     return SentenceDataset(split_sentences([l for l in lines if l], split, held_out_fraction))
 
 
+def _texts_of(item: Any) -> list[str]:
+    if isinstance(item, dict):
+        return [item["text"]]
+    return list(item) if isinstance(item, (tuple, list)) else [item]
+
+
 def collate_text(tokenizer: Any, max_length: int = 128, keep_texts: bool = False) -> Callable[[list], dict[str, Any]]:
-    """A DataLoader ``collate_fn`` tokenizing a batch of sentences (``str`` or ``{"text": str}``)
+    """A DataLoader ``collate_fn`` tokenizing a batch of sentences (``str``, ``{"text": str}``, or a tuple of
+    ``str`` such as a ``wordnet_pairs`` item, whose texts go into the batch side by side)
     with the TEACHER's tokenizer (an object, or a name for :func:`load_tokenizer`), padded to the
     longest and truncated to ``max_length``: ``{"input_ids", "attention_mask"}``, both (B, T) int64.
     ``keep_texts``: also ``"texts"``, the sentences themselves (for a teacher that tokenizes them)."""
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
 
     def collate(batch: list) -> dict[str, Any]:
-        texts = [b["text"] if isinstance(b, dict) else b for b in batch]
+        texts = [t for b in batch for t in _texts_of(b)]
         enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         out: dict[str, Any] = {k: enc[k].to(torch.int64) for k in ("input_ids", "attention_mask")}
         if keep_texts:

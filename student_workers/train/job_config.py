@@ -226,9 +226,11 @@ _REGISTRY_KIND = {"feature_kind": "feature_distance", "embedding_kind": "feature
 
 
 class DataSection(Strict):
-    dataset: str = Field("wordnet", description="Registered dataset: wordnet, text_file, sklearn_images, image_folder...")
+    dataset: str = Field("wordnet", description="Registered dataset: wordnet, wordnet_pairs, text_file, sklearn_images, "
+                         "image_folder...")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Dataset arguments (e.g. path, size).")
-    batch_size: int = Field(32, ge=1, description="Samples per worker per step.")
+    batch_size: int = Field(32, ge=1, description="Dataset items per worker per step (a wordnet_pairs item is two "
+                            "texts, a definition and its headword).")
     max_length: int = Field(32, ge=2, description="Text: tokens per sentence (teacher's tokenizer).")
     tokenizer: str = Field("minilm", description="Text: the TEACHER's tokenizer (minilm, mpnet or a local HF dir); "
                            "with teacher_text, the student's.")

@@ -233,7 +233,11 @@ def supervise(server: TritonServer, launch, restarts: int, timeout: float, stopp
                 wait_ready(server, timeout)
                 server.up.set()
             except TritonStartError as e:
+                # as a failed startup probe would: a server not ready in time is stopped, so the next turn
+                # of this loop starts it again while restarts remain (seen under load: a restarted stub
+                # stuck in its model's initialisation for over 180 s, where the first start took 32 s)
                 log.error("tritonserver: restart %d failed: %s", server.restarts, str(e).splitlines()[0])
+                stop(server.process, grace=5.0)
             stubs = {p.pid for p in server.stubs()}
     finally:
         server.stopped.set()

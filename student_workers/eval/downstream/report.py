@@ -26,12 +26,8 @@ from student_workers.eval.downstream.encoder import (
 from student_workers.eval.downstream.finetune import finetune_classifier
 from student_workers.eval.downstream.probe import linear_probe, majority_accuracy
 from student_workers.eval.downstream.retrieval import recall_at_k
-from student_workers.eval.downstream.wordnet_tasks import (
-    lexname_task,
-    read_synsets,
-    reverse_dictionary,
-    validation_synsets,
-)
+from student_workers.data.synsets import read_synsets
+from student_workers.eval.downstream.wordnet_tasks import lexname_task, reverse_dictionary, validation_synsets
 from student_workers.models.base import StudentConfig
 from student_workers.models.build import build_student
 from student_workers.models.hf_text import HFTextStudent
@@ -107,7 +103,9 @@ def _held_out_fraction(run_cfg: dict, cfg: DownstreamConfig) -> float:
     if cfg.held_out_fraction is not None:
         return cfg.held_out_fraction
     data = run_cfg.get("data", {})
-    return float(data.get("kwargs", {}).get("held_out_fraction", 0.05)) if data.get("dataset") == "wordnet" else 0.05
+    if data.get("dataset") not in ("wordnet", "wordnet_pairs"):
+        return 0.05
+    return float(data.get("kwargs", {}).get("held_out_fraction", 0.05))
 
 
 def _teacher_name(run_cfg: dict) -> str:

@@ -16,80 +16,13 @@ unseen by both).
 """
 from __future__ import annotations
 
-import re
-import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from student_workers.data.text import WORDNET_DIR, WORDNET_PARTS, gloss_sentences
-
-# WordNet 3.0 lexicographer files, by the 2-digit number each data line carries (lexnames(5WN)).
-LEXNAMES = (
-    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
-    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling",
-    "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person",
-    "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity", "noun.relation",
-    "noun.shape", "noun.state", "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition",
-    "verb.communication", "verb.competition", "verb.consumption", "verb.contact", "verb.creation",
-    "verb.emotion", "verb.motion", "verb.perception", "verb.possession", "verb.social", "verb.stative",
-    "verb.weather", "adj.ppl",
-)
-_ADJ_MARKER = re.compile(r"\((a|p|ip)\)$")  # data.adj lemmas may end in a syntactic marker
-
-
-@dataclass(frozen=True)
-class Synset:
-    offset: str
-    pos: str
-    lexfile: int  # index into LEXNAMES
-    lemmas: tuple[str, ...]  # readable: underscores -> spaces, adjective markers dropped
-    definition: str  # definition fragments joined by "; " (usage examples left out)
-    held_out: bool
-
-    @property
-    def headword(self) -> str:
-        return self.lemmas[0]
-
-
-def is_held_out(text: str, fraction: float) -> bool:
-    """The rule of :func:`student_workers.data.text.split_sentences`, for one text."""
-    return zlib.crc32(text.encode("utf-8")) < fraction * 2**32
-
-
-def parse_synset_line(line: str, held_out_fraction: float, min_words: int = 2) -> Synset | None:
-    """One ``data.<pos>`` line -> Synset; None for license lines and glosses without a definition."""
-    if line.startswith("  ") or " | " not in line:
-        return None
-    head, gloss = line.split(" | ", 1)
-    f = head.split()
-    offset, lexfile, pos, n = f[0], int(f[1]), f[2], int(f[3], 16)
-    lemmas = tuple(_ADJ_MARKER.sub("", f[4 + 2 * i]).replace("_", " ") for i in range(n))
-    parts = gloss_sentences(gloss.strip(), include=("definitions",))
-    if not parts:
-        return None
-    # Fragments shorter than min_words never reach distillation, so they cannot leak.
-    trained_on = [p for p in parts if len(p.split()) >= min_words]
-    held = all(is_held_out(p, held_out_fraction) for p in trained_on)
-    return Synset(offset, pos, lexfile, lemmas, "; ".join(parts), held)
-
-
-def read_synsets(
-    held_out_fraction: float = 0.05, root: str | Path = WORDNET_DIR, parts: Sequence[str] = WORDNET_PARTS
-) -> list[Synset]:
-    """Every synset of the given parts of speech, in file order."""
-    out = []
-    for p in parts:
-        path = Path(root) / f"data.{p}"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} missing: apt-get install wordnet-base, or pass root=")
-        with path.open(encoding="utf-8", errors="replace") as fh:
-            out += [s for s in (parse_synset_line(l, held_out_fraction) for l in fh) if s is not None]
-    return out
-
+from student_workers.data.synsets import LEXNAMES, Synset, mentions
 
 def validation_synsets(at: Sequence[Synset], at_twice: Sequence[Synset]) -> list[Synset]:
     """The validation view of the synsets: the test synsets (held out at ``f``, ``at``) left out entirely,
@@ -99,11 +32,6 @@ def validation_synsets(at: Sequence[Synset], at_twice: Sequence[Synset]) -> list
     if len(at) != len(at_twice):
         raise ValueError(f"validation_synsets: {len(at)} and {len(at_twice)} synsets; read them from the same files")
     return [t for s, t in zip(at, at_twice) if not s.held_out]
-
-
-def mentions(text: str, word: str) -> bool:
-    """Whole-word, case-insensitive: does the definition give its own answer away?"""
-    return re.search(rf"(?<![\w-]){re.escape(word.lower())}(?![\w-])", text.lower()) is not None
 
 
 @dataclass

@@ -92,12 +92,15 @@ def private_token_file(token: str) -> str:
 
 def check_port_free(host: str, port: int) -> None:
     """gRPC servers (the Serve proxy too) bind with SO_REUSEPORT: a second teacher on a busy port
-    would silently share it with the first, and students would get either one's targets."""
+    would silently share it with the first, and students would get either one's targets. The probe
+    binds with SO_REUSEADDR, as the server will: a listener still refuses it, while the TIME_WAIT
+    connections a teacher that just stopped leaves on its port (about 60 s) do not."""
     import socket
 
     from kdserve.config import ConfigError
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -31,6 +31,7 @@ Sweeps (--sweep NAME; the options after NAME are the script's own, --sweep NAME 
   fairness           figure F's script with its own knobs (clients, batches, think time)
   target-cache       figure C's script with its own knobs (batches, cache size)
   gpu-p5             P5 (GPU): samples/s vs a bare torch forward (also python bench/gpu_p5.py)
+  embed-speed        a distilled text student's embeddings/s vs its teacher's, alternating windows
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ SWEEPS = {
     "fairness": "bench.fairness",
     "target-cache": "bench.target_cache",
     "gpu-p5": "bench.gpu_p5",
+    "embed-speed": "bench.embed_speed",
 }
 
 

@@ -385,3 +385,24 @@ def test_hf_text_pretrained_minilm_is_the_packaged_model(minilm):
         torch.testing.assert_close(out.hidden[l - 1], ref.hidden_states[l], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.embedding, ref.last_hidden_state.mean(1), atol=1e-5, rtol=1e-5)
     assert out.attentions[5].shape == (1, 12, 4, 4)
+
+
+def test_hf_text_init_from_copies_an_encoders_shared_parameters(tmp_path):
+    """MPNet keeps its relative position bias in the encoder, outside the layers: a student of all the
+    source's layers is the source itself only if that bias is copied too."""
+    from transformers import MPNetConfig, MPNetModel
+
+    torch.manual_seed(0)
+    cfg = MPNetConfig(vocab_size=50, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
+    source = MPNetModel(cfg).eval()
+    with torch.no_grad():  # the init is zeros-like small; make the bias matter
+        source.encoder.relative_attention_bias.weight.normal_(0, 2.0)
+    source.save_pretrained(tmp_path / "tiny_mpnet")
+    s = build_student({"kind": "hf_text", "init_from": str(tmp_path / "tiny_mpnet"), "init_layers": [1, 2, 3, 4]}).eval()
+    batch = {"input_ids": torch.tensor([[0, 7, 9, 11, 13, 2], [0, 5, 6, 2, 1, 1]])}
+    batch["attention_mask"] = (batch["input_ids"] != 1).long()
+    out = s(batch)
+    with torch.no_grad():
+        ref = source(**batch, output_hidden_states=True).hidden_states
+    m = batch["attention_mask"].bool()
+    torch.testing.assert_close(out.hidden[-1][m], ref[-1][m], atol=1e-5, rtol=1e-5)

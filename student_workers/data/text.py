@@ -128,26 +128,31 @@ def text_file(path: str, split: str = "all", held_out_fraction: float = 0.05) ->
     return SentenceDataset(split_sentences([l for l in lines if l], split, held_out_fraction))
 
 
-def _texts_of(item: Any) -> list[str]:
+def texts_of(item: Any) -> list[str]:
+    """The texts of a dataset item: a ``str``, ``{"text": str}`` or a tuple of them (a ``wordnet_pairs`` pair)."""
     if isinstance(item, dict):
         return [item["text"]]
     return list(item) if isinstance(item, (tuple, list)) else [item]
 
 
-def collate_text(tokenizer: Any, max_length: int = 128, keep_texts: bool = False) -> Callable[[list], dict[str, Any]]:
+def collate_text(tokenizer: Any, max_length: int = 128, keep_texts: bool = False,
+                 teacher_ids: torch.Tensor | None = None) -> Callable[[list], dict[str, Any]]:
     """A DataLoader ``collate_fn`` tokenizing a batch of sentences (``str``, ``{"text": str}``, or a tuple of
     ``str`` such as a ``wordnet_pairs`` item, whose texts go into the batch side by side)
     with the TEACHER's tokenizer (an object, or a name for :func:`load_tokenizer`), padded to the
     longest and truncated to ``max_length``: ``{"input_ids", "attention_mask"}``, both (B, T) int64.
-    ``keep_texts``: also ``"texts"``, the sentences themselves (for a teacher that tokenizes them)."""
+    ``keep_texts``: also ``"texts"``, the sentences themselves (for a teacher that tokenizes them).
+    ``teacher_ids``: also ``"teacher_input_ids"``, the same tokens in the teacher's ids (``id_translation``)."""
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
 
     def collate(batch: list) -> dict[str, Any]:
-        texts = [t for b in batch for t in _texts_of(b)]
+        texts = [t for b in batch for t in texts_of(b)]
         enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         out: dict[str, Any] = {k: enc[k].to(torch.int64) for k in ("input_ids", "attention_mask")}
         if keep_texts:
             out["texts"] = texts
+        if teacher_ids is not None:
+            out["teacher_input_ids"] = teacher_ids[out["input_ids"]]  # (B, T)
         return out
 
     return collate

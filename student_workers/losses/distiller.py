@@ -53,6 +53,13 @@ def module_views(out) -> dict[str, ModuleView]:
     return {"": ModuleView(out.hidden, out.attentions, out.token_mask)}
 
 
+def data2vec_layers(num_teacher_layers: int, top_k: int) -> list[int]:
+    """The teacher blocks of the Data2Vec target: the top ``top_k`` (1-based), or [] (all) for 0."""
+    if top_k > num_teacher_layers:
+        raise ValueError(f"distill.data2vec_top_k: {top_k} blocks, but the teacher has {num_teacher_layers}")
+    return list(range(num_teacher_layers - top_k + 1, num_teacher_layers + 1)) if top_k else []
+
+
 class Distiller(nn.Module):
     """Student + distillation heads. ``forward(inputs, targets, labels, arm) -> (total, terms)``."""
 
@@ -145,8 +152,8 @@ class Distiller(nn.Module):
         reduction = "mean" if self.pooled else "none"  # mean: the teacher's own sentence embedding, (B, D)
         for m in self.modules_:
             tm, t = m, self.teacher_info[m]
-            if c.data2vec_weight > 0:
-                hidden[tm], reduction = [], "data2vec"  # [] = all teacher layers, reduced on the server
+            if c.data2vec_weight > 0:  # [] = all teacher layers; reduced on the server
+                hidden[tm], reduction = data2vec_layers(t.num_layers, c.data2vec_top_k), "data2vec"
                 continue
             layers = set()
             if c.feature_weight > 0 and m in layerwise:

@@ -116,8 +116,8 @@ def _text_config(cfg: StudentConfig):
 
 
 def copy_layers_from(student: nn.Module, source: nn.Module, layers: list[int]) -> None:
-    """DistilBERT init: copy the embeddings and source layers ``layers`` (1-based) into student
-    layers 1..len(layers). Shapes must match (same hidden and intermediate sizes)."""
+    """DistilBERT init: copy the embeddings, the encoder's shared parameters and source layers ``layers``
+    (1-based) into student layers 1..len(layers). Shapes must match (same hidden and intermediate sizes)."""
     s_cfg, t_cfg = student.config, source.config
     for key in ("hidden_size", "intermediate_size", "vocab_size", "max_position_embeddings", "type_vocab_size"):
         a, b = getattr(s_cfg, key, None), getattr(t_cfg, key, None)
@@ -129,6 +129,11 @@ def copy_layers_from(student: nn.Module, source: nn.Module, layers: list[int]) -
             f"init_layers {layers} must name {len(student.encoder.layer)} source layers within 1..{n_src}"
         )
     student.embeddings.load_state_dict(source.embeddings.state_dict())
+    # Encoder parameters shared by every layer (MPNet's relative position bias): without them a copied
+    # layer attends with random position biases.
+    shared = {k: v for k, v in source.encoder.state_dict().items() if not k.startswith("layer.")}
+    if student.encoder.load_state_dict(shared, strict=False).unexpected_keys:
+        raise ValueError(f"init_from: the source's encoder has parameters the student lacks: {sorted(shared)}")
     for i, l in enumerate(layers):
         student.encoder.layer[i].load_state_dict(source.encoder.layer[l - 1].state_dict())
 

@@ -53,18 +53,31 @@ def make_collate(cfg: JobConfig, keep_texts: bool = False):
 
         return collate_image_text(cfg.data.tokenizer, cfg.data.max_length)
     if cfg.student.kind == "hf_text":
-        return collate_text(cfg.data.tokenizer, cfg.data.max_length, keep_texts=keep_texts or cfg.data.teacher_text)
+        return collate_text(cfg.data.tokenizer, cfg.data.max_length, keep_texts=keep_texts or cfg.data.teacher_text,
+                            teacher_ids=teacher_ids(cfg))
     return None
 
 
+def teacher_ids(cfg: JobConfig):
+    """data.teacher_tokenizer's id for each of data.tokenizer's ids (``id_translation``); None without one."""
+    if cfg.data.teacher_tokenizer is None:
+        return None
+    from student_workers.data.tokenizer import id_translation, load_tokenizer
+
+    return id_translation(load_tokenizer(cfg.data.tokenizer), load_tokenizer(cfg.data.teacher_tokenizer))
+
+
 def teacher_inputs(batch: dict, teacher_image_size: tuple[int, int] | None,
-                   texts: bool | None = None) -> dict[str, torch.Tensor]:
+                   texts: bool | None = None, translated: bool = True) -> dict[str, torch.Tensor]:
     """Exactly the view and tokens the student trains on (images resized to the teacher's size
     when they differ): DistillVLM's input alignment. ``texts`` (default: whether the batch carries
-    them, as with data.teacher_text): the texts alone, which the teacher tokenizes itself."""
+    them, as with data.teacher_text): the texts alone, which the teacher tokenizes itself.
+    ``translated``: the tokens in the teacher's ids where the batch has them (data.teacher_tokenizer)."""
     if texts or (texts is None and "texts" in batch):
         return {"texts": batch["texts"]}
     out = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    if translated and "teacher_input_ids" in batch:
+        out["input_ids"] = batch["teacher_input_ids"]
     if "pixel_values" in batch and teacher_image_size is not None:
         out["pixel_values"] = align_images(batch["pixel_values"], teacher_image_size)
     return out

@@ -76,6 +76,7 @@ def check_student_side(cfg: JobConfig, info: pb.TeacherInfo, infos: dict | None 
     try:
         distiller = make_distiller(student, cfg, infos, texts)
         make_scheduler(cfg, distiller)
+        distiller.target_spec()  # what the teacher cannot give (data2vec_top_k over its depth) fails here
     except (ValueError, KeyError) as e:
         msg = _first_line(e)
         raise ConfigError(msg if msg.startswith("distill") else f"distill: {msg}") from None

@@ -135,9 +135,11 @@ class TermsSection(Strict):
     )
     data2vec_weight: float = Field(
         0.0, ge=0, description="Weight of the Data2Vec target loss (docs/methods.md#data2vec-targets); the server "
-        "reduces all teacher layers."
+        "reduces the teacher's layers (data2vec_top_k)."
     )
     data2vec_eps: float = Field(1e-5, gt=0, description="eps of the Data2Vec instance/layer norms.")
+    data2vec_top_k: int = Field(0, ge=0, description="Data2Vec: average the teacher's top K blocks (Baevski et al. "
+                                "2022 average the upper blocks, not all); 0: all of them.")
     logits_weight: float = Field(
         0.0, ge=0, description="Weight of KL(teacher || student) on logits (docs/methods.md#response-based-kd).")
     logits_loss: str = Field(
@@ -233,11 +235,15 @@ class DataSection(Strict):
                             "texts, a definition and its headword).")
     max_length: int = Field(32, ge=2, description="Text: tokens per sentence (teacher's tokenizer).")
     tokenizer: str = Field("minilm", description="Text: the TEACHER's tokenizer (minilm, mpnet or a local HF dir); "
-                           "with teacher_text, the student's.")
+                           "with teacher_text or teacher_tokenizer, the student's.")
     teacher_text: bool = Field(
         False, description="Text: send the teacher the raw texts (it tokenizes them with its own tokenizer; for a "
         "teacher whose tokenizer is not the student's). Only sentence-level targets then: distill.embedding_target "
         "pooled (and logits).")
+    teacher_tokenizer: str | None = Field(
+        None, description="Text: the teacher's tokenizer when its vocabulary is data.tokenizer's under other ids "
+        "(mpnet's is MiniLM's, shifted by 4): the teacher is sent the student's tokens in its own ids, so token-level "
+        "targets line up; checked on the driver on probe texts and the data's first batch.")
     eval_samples: int = Field(256, ge=0, description="Held-out samples for the final student-vs-teacher comparison.")
 
 
@@ -295,6 +301,9 @@ class JobConfig(Strict):
     def _text_in(self) -> "JobConfig":
         """Raw texts give the teacher its own tokens: no target lines up with the student's tokens."""
         d = self.distill
+        if self.data.teacher_tokenizer is not None and self.data.teacher_text:
+            raise ValueError("data.teacher_tokenizer: the teacher gets the student's tokens in its ids, not texts; "
+                             "set data.teacher_text to false")
         if not self.data.teacher_text:
             return self
         token_level = {"feature_weight": d.feature_weight, "attention_weight": d.attention_weight,

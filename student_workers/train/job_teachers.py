@@ -15,7 +15,7 @@ from student_workers.client.prefetch import Prefetcher
 from student_workers.train.batches import batches, teacher_inputs
 from student_workers.train.job_config import JobConfig
 from student_workers.train.stored_views import view_batches
-from student_workers.train.several import data_tokenizer_fingerprint, sends_texts
+from student_workers.train.several import data_tokenizer_fingerprint, sends_texts, translated_fingerprint, translates
 from student_workers.train.teacher import Targets, image_size
 
 
@@ -27,6 +27,7 @@ class Link:
     section: Any  # its TeacherSection
     targets: Targets
     texts: bool  # sent the raw texts (its tokenizer is not data.tokenizer)
+    translated: bool = False  # sent the student's tokens in its own ids (its tokenizer is data.teacher_tokenizer)
 
 
 class JobTeachers:
@@ -39,13 +40,13 @@ class JobTeachers:
     def open(cls, cfg: JobConfig, address: str, addresses: dict[str, str] | None = None, auth_ref=None) -> "JobTeachers":
         """``address``: the default teacher's; ``addresses``: every teacher's by name (several teachers)."""
         addresses = addresses or {cfg.teacher_name: address}
-        data_fp = data_tokenizer_fingerprint(cfg)
+        data_fp, tr_fp = data_tokenizer_fingerprint(cfg), translated_fingerprint(cfg)
         links = {}
         try:
             for name, section in cfg.all_teachers().items():
                 t = Targets.open(cfg, addresses[name], auth_ref, section)
-                texts = sends_texts(t.info, data_fp) or (cfg.data.teacher_text and name == cfg.teacher_name)
-                links[name] = Link(name, section, t, texts)
+                texts = sends_texts(t.info, data_fp, tr_fp) or (cfg.data.teacher_text and name == cfg.teacher_name)
+                links[name] = Link(name, section, t, texts, translates(t.info, data_fp, tr_fp))
         except BaseException:
             for link in links.values():
                 link.targets.close()
@@ -107,7 +108,7 @@ class JobTeachers:
         else:
             if data is None:
                 data = batches(self.cfg, rank, world, epoch0=start, keep_texts=link.texts)
-            make = lambda b: (teacher_inputs(b, size, texts=link.texts), spec())  # noqa: E731
+            make = lambda b: (teacher_inputs(b, size, texts=link.texts, translated=link.translated), spec())  # noqa: E731
         return Prefetcher(data, make, client, depth=t.prefetch_depth, max_depth=t.prefetch_max_depth,
                           timeout=link.targets.timeout_s, name=link.name if self.several else link.targets.name)
 

@@ -113,11 +113,23 @@ def check_ports(cfg) -> None:
                              "two teachers on one port would share it: pick another grpc_port")
 
 
-def sends_texts(info, data_tokenizer_fingerprint: str | None) -> bool:
+def _fp(info) -> str:
+    return info.tokenizer.fingerprint if info.HasField("tokenizer") else ""
+
+
+def sends_texts(info, data_tokenizer_fingerprint: str | None, translated_fingerprint: str | None = None) -> bool:
     """A teacher with its own tokenizer that is not the one the student's batches are tokenized with
-    gets the raw texts (the teacher tokenizes them) and serves pooled embeddings and logits only."""
-    fp = info.tokenizer.fingerprint if info.HasField("tokenizer") else ""
-    return bool(fp) and data_tokenizer_fingerprint is not None and fp != data_tokenizer_fingerprint
+    (nor data.teacher_tokenizer, whose ids the batches also carry) gets the raw texts (the teacher
+    tokenizes them) and serves pooled embeddings and logits only."""
+    fp = _fp(info)
+    return bool(fp) and data_tokenizer_fingerprint is not None and fp not in (data_tokenizer_fingerprint,
+                                                                             translated_fingerprint)
+
+
+def translates(info, data_tokenizer_fingerprint: str | None, translated_fingerprint: str | None) -> bool:
+    """Whether a teacher is sent the student's tokens in its own ids (its tokenizer is data.teacher_tokenizer)."""
+    fp = _fp(info)
+    return bool(fp) and translated_fingerprint is not None and fp == translated_fingerprint != data_tokenizer_fingerprint
 
 
 def data_tokenizer_fingerprint(cfg) -> str | None:
@@ -128,6 +140,16 @@ def data_tokenizer_fingerprint(cfg) -> str | None:
     from student_workers.data.tokenizer import load_tokenizer
 
     return tokenizer.fingerprint(load_tokenizer(cfg.data.tokenizer))
+
+
+def translated_fingerprint(cfg) -> str | None:
+    """kdserve.tokenizer.fingerprint of data.teacher_tokenizer; None without one."""
+    if cfg.student.kind != "hf_text" or cfg.data.teacher_tokenizer is None:
+        return None
+    from kdserve import tokenizer
+    from student_workers.data.tokenizer import load_tokenizer
+
+    return tokenizer.fingerprint(load_tokenizer(cfg.data.teacher_tokenizer))
 
 
 def cannot_serve(cfg, name: str, info, texts: bool) -> str | None:
@@ -146,10 +168,32 @@ def check_terms(cfg, infos: dict) -> dict[str, bool]:
     """{name: sent texts}; ConfigError naming the first term whose targets its teacher cannot serve."""
     from kdserve.config import ConfigError
 
-    data_fp = data_tokenizer_fingerprint(cfg)
-    texts = {name: sends_texts(info, data_fp) for name, info in infos.items()}
+    data_fp, tr_fp = data_tokenizer_fingerprint(cfg), translated_fingerprint(cfg)
+    texts = {name: sends_texts(info, data_fp, tr_fp) for name, info in infos.items()}
+    if tr_fp is not None:
+        check_translation(cfg, tr_fp, infos)
     for name, info in infos.items():
         why = cannot_serve(cfg, name, info, texts[name])
         if why:
             raise ConfigError(why)
     return texts
+
+
+def check_translation(cfg, tr_fp: str, infos: dict) -> None:
+    """ConfigError unless data.teacher_tokenizer is a teacher's and the student's tokens translate into it,
+    checked on the probe texts and the data's first 64 texts."""
+    from kdserve.config import ConfigError
+    from student_workers.data.build import build_dataset
+    from student_workers.data.text import texts_of
+    from student_workers.data.tokenizer import id_translation, load_tokenizer
+
+    where = f"data.teacher_tokenizer: {cfg.data.teacher_tokenizer!r}"
+    if not any(_fp(info) == tr_fp for info in infos.values()):
+        have = ", ".join(f"{n}: {i.tokenizer.name or '-'} ({_fp(i) or 'none'})" for n, i in infos.items())
+        raise ConfigError(f"{where} ({tr_fp}) is no teacher's tokenizer (the job's teachers: {have})")
+    ds = build_dataset(cfg.data.dataset, **cfg.data.kwargs)
+    sample = [t for i in range(min(64, len(ds))) for t in texts_of(ds[i])]
+    try:
+        id_translation(load_tokenizer(cfg.data.tokenizer), load_tokenizer(cfg.data.teacher_tokenizer), sample)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None

@@ -160,7 +160,8 @@ def evaluate_run(run_dir: str | Path, cfg: DownstreamConfig | None = None, teach
             "random": ("random init", lambda: None if twin_is_random else build_student(random_cfg))}
     models = {make[r][0]: make[r][1]() for r in ROWS if r in rows}
     models = {name: m for name, m in models.items() if m is not None}
-    own = run_cfg.get("data", {}).get("teacher_text")  # data.tokenizer is then the student's, not the teacher's
+    data = run_cfg.get("data", {})  # with either, data.tokenizer is the student's, not the teacher's
+    own = data.get("teacher_text") or data.get("teacher_tokenizer")
     out_rows, info = evaluate_models(models, tokenizer, cfg, _held_out_fraction(run_cfg, cfg),
                                      tokenizers={"teacher": load_tokenizer(teacher)} if own else None)
     if twin_is_random and "random" in rows and "twin" in rows:

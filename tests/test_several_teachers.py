@@ -158,3 +158,17 @@ def test_cannot_serve_names_the_term_and_the_tokenizer():
     line = cannot_serve(cfg, "b", other, texts=True)
     assert line.startswith("distill.teachers.b.nce_weight: teacher 'b' tokenizes with its own tokenizer (other, fff")
     assert cannot_serve(cfg, "a", info(32), texts=False) is None
+
+
+def test_the_drivers_student_check_builds_a_head_per_teacher():
+    """distill_job's check before any cluster (kdjob.several.check_several -> check_student_side) on a
+    two-teacher job: it used to read a single Distiller's config from the MultiDistiller and die with a
+    traceback (configs/two_teachers.yaml could not start)."""
+    from student_workers.train.check import attention_note, check_student_side
+
+    cfg = build(JobConfig, two(data={"dataset": "text_file", "kwargs": {"path": __file__}},
+                               distill__attention_weight=1.0))
+    d = check_student_side(cfg, info(32), infos={"a": info(32), "b": info(48, tokenizer="f" * 32)},
+                           texts={"a": False, "b": True})
+    assert isinstance(d, MultiDistiller) and set(d.heads) == {"a", "b"}
+    assert attention_note(d) is None  # a's attention term is there; b (sent texts) has none to give

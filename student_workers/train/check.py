@@ -76,7 +76,8 @@ def check_student_side(cfg: JobConfig, info: pb.TeacherInfo, infos: dict | None 
     try:
         distiller = make_distiller(student, cfg, infos, texts)
         make_scheduler(cfg, distiller)
-        distiller.target_spec()  # what the teacher cannot give (data2vec_top_k over its depth) fails here
+        for h in heads(distiller):
+            h.target_spec()  # what a teacher cannot give (data2vec_top_k over its depth) fails here
     except (ValueError, KeyError) as e:
         msg = _first_line(e)
         raise ConfigError(msg if msg.startswith("distill") else f"distill: {msg}") from None
@@ -93,11 +94,16 @@ def check_student_side(cfg: JobConfig, info: pb.TeacherInfo, infos: dict | None 
     return distiller
 
 
-def attention_note(distiller: Distiller) -> str | None:
+def heads(distiller) -> list[Distiller]:
+    """The Distiller of each teacher: a MultiDistiller's heads, else the Distiller itself."""
+    return list(distiller.heads.values()) if hasattr(distiller, "heads") else [distiller]
+
+
+def attention_note(distiller) -> str | None:
     """One line naming the modules that get no attention term although ``distill.attention_weight``
     is set (a module without attention maps on either side), else None."""
-    skipped = [m for m in distiller.modules_list
-               if distiller.cfg.attention_weight > 0 and m not in distiller.attention_modules]
+    skipped = list(dict.fromkeys(m for h in heads(distiller) for m in h.modules_list
+                                 if h.cfg.attention_weight > 0 and m not in h.attention_modules))
     if not skipped:
         return None
     return (f"distill.attention_weight: no attention term for module(s) {', '.join(skipped)} "

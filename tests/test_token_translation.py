@@ -80,6 +80,8 @@ def test_token_level_targets_from_a_translated_teacher_only(tokenizers):
     assert check_terms(job(teacher_tokenizer="mpnet"), {"teacher": info_with(mpnet)}) == {"teacher": False}
     with pytest.raises(ConfigError, match="distill.data2vec_weight: teacher 'teacher' tokenizes with its own"):
         check_terms(job(), {"teacher": info_with(mpnet)})  # without the translation: texts, no token targets
+    with pytest.raises(ConfigError, match=r"data.teacher_tokenizer: 'mpent' is no tokenizer here"):
+        check_terms(job(teacher_tokenizer="mpent"), {"teacher": info_with(mpnet)})
     with pytest.raises(ConfigError, match=r"data.teacher_tokenizer: 'mpnet' \(\w+\) is no teacher's tokenizer"):
         check_terms(job(teacher_tokenizer="mpnet"), {"teacher": info_with(minilm)})
 

@@ -147,9 +147,14 @@ def translated_fingerprint(cfg) -> str | None:
     if cfg.student.kind != "hf_text" or cfg.data.teacher_tokenizer is None:
         return None
     from kdserve import tokenizer
+    from kdserve.config import ConfigError
     from student_workers.data.tokenizer import load_tokenizer
 
-    return tokenizer.fingerprint(load_tokenizer(cfg.data.teacher_tokenizer))
+    try:
+        return tokenizer.fingerprint(load_tokenizer(cfg.data.teacher_tokenizer))
+    except (OSError, ValueError) as e:  # no such name or dir: transformers' long message, cut to its first line
+        raise ConfigError(f"data.teacher_tokenizer: {cfg.data.teacher_tokenizer!r} is no tokenizer here (minilm, mpnet "
+                          f"or a local Hugging Face dir): {str(e).splitlines()[0][:120]}") from None
 
 
 def cannot_serve(cfg, name: str, info, texts: bool) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from student_workers.losses import relational_kl
+from student_workers.losses import listwise_kl, relational_kl
 
 pytestmark = pytest.mark.unit
 
@@ -43,3 +43,37 @@ def test_the_teacher_gets_no_gradient_and_small_batches_are_refused():
         relational_kl(torch.randn(2, 5), torch.randn(2, 7))
     with pytest.raises(ValueError, match="one B"):
         relational_kl(torch.randn(4, 5), torch.randn(3, 7))
+
+
+def test_listwise_by_a_naive_loop_and_blind_to_query_query_similarities():
+    """Each query (even row) against the batch's answers (odd rows), by loops over scalars; moving only the
+    queries' similarities among themselves (not to any answer) leaves it unchanged."""
+    import math
+
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(6, 5, generator=g), torch.randn(6, 7, generator=g)
+    tau = 0.3
+
+    def cos(a, b):
+        return float(a @ b / (a.norm() * b.norm()))
+
+    def dist(x, i):
+        z = [math.exp(cos(x[2 * i], x[2 * j + 1]) / tau) for j in range(3)]
+        return [v / sum(z) for v in z]
+
+    expected = sum(sum(pt * math.log(pt / ps) for pt, ps in zip(dist(t, i), dist(s, i))) for i in range(3)) / 3
+    assert listwise_kl(s, t, tau=tau).item() == pytest.approx(expected, rel=1e-5)
+    # queries q0 = e0, q1 = e1 and answers a0 = a1 = e2: the query-query cosine is 0; e0 + e1 makes it 0.5,
+    # the queries' cosines to the answers stay 0, so the listwise loss is unchanged while the relational one moves
+    e = torch.eye(3)
+    a = torch.stack([e[0], e[2], e[1], e[2]])
+    b = torch.stack([e[0], e[2], (e[0] + e[1]), e[2]])
+    teacher = torch.randn(4, 3, generator=g)
+    assert listwise_kl(a, teacher).item() == pytest.approx(listwise_kl(b, teacher).item(), abs=1e-6)
+    assert relational_kl(a, teacher).item() != pytest.approx(relational_kl(b, teacher).item(), abs=1e-3)
+
+
+def test_listwise_refuses_a_batch_that_is_not_pairs():
+    for b in (2, 5):
+        with pytest.raises(ValueError, match="not \\(query, answer\\) pairs"):
+            listwise_kl(torch.randn(b, 5), torch.randn(b, 7))

@@ -59,6 +59,14 @@ def test_teacher_text_refuses_token_level_targets():
                                "nce_weight": 1.0})
 
 
+@unit
+def test_listwise_needs_a_pair_dataset():
+    pairs = {"dataset": "wordnet_pairs", "kwargs": {}}
+    build(JobConfig, job(distill={"embedding_loss": "listwise"}, data=pairs))
+    with pytest.raises(Exception, match="embedding_loss listwise: needs .* not data.dataset 'text_file'"):
+        build(JobConfig, job(distill={"embedding_loss": "listwise"}))
+
+
 @pytest.fixture(scope="module")
 def teacher():
     return TeacherEngine.from_config(TeacherConfig(model="hf:bert", pretrained=False, model_kwargs=TEACHER))

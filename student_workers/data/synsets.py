@@ -101,7 +101,8 @@ def mentions(text: str, word: str) -> bool:
 
 
 class PairDataset(Dataset):
-    """A list of ``(definition, headword)`` pairs; item ``i`` is that tuple of two ``str``.
+    """A list of ``(definition, headword)`` pairs; item ``i`` is that tuple of two ``str`` (or, grouped, of
+    ``2 * group_size``).
     :func:`student_workers.data.text.collate_text` flattens a batch of B pairs into 2B texts, each pair's
     two texts side by side, so every batch holds B definitions beside their own answers."""
 
@@ -128,6 +129,7 @@ def wordnet_pairs(
     split: str = "train",
     held_out_fraction: float = 0.05,
     max_pairs: int | None = None,
+    group_size: int | None = None,
     root: str = WORDNET_DIR,
     parts: Sequence[str] = WORDNET_PARTS,
 ) -> PairDataset:
@@ -135,7 +137,10 @@ def wordnet_pairs(
     or of those held out ("held_out"). A train pair is left out when its headword is also the headword of
     a held-out synset (so no answer of the evaluation is trained on, even as a bare word) or when its
     definition names its headword. ``max_pairs``: a fixed subset, chosen by a hash of the definition
-    (the same whatever the job's seed, so several seeds share one target store)."""
+    (the same whatever the job's seed, so several seeds share one target store). ``group_size``: each item is
+    ``group_size`` pairs whose definitions are lexical neighbours (``hard_batches.neighbour_groups``, a fixed
+    grouping), flattened as (d1, w1, d2, w2, ...), so a batch of one item holds confusable definitions and
+    their answers; the pairs no full group takes are left out."""
     if split not in ("train", "held_out"):
         raise ValueError(f"wordnet_pairs: split must be 'train' or 'held_out', got {split!r}")
     synsets = read_synsets(held_out_fraction, root, parts)
@@ -152,4 +157,9 @@ def wordnet_pairs(
     if max_pairs is not None and max_pairs < len(pairs):
         chosen = set(sorted(pairs, key=lambda p: hashlib.sha256(p[0].encode("utf-8")).digest())[:max_pairs])
         pairs = [p for p in pairs if p in chosen]  # file order kept
+    if group_size is not None:
+        from student_workers.data.hard_batches import neighbour_groups
+
+        groups = neighbour_groups([d for d, _ in pairs], group_size)
+        return PairDataset([tuple(t for i in g for t in pairs[i]) for g in groups])
     return PairDataset(pairs)

@@ -16,7 +16,7 @@ from .data2vec import data2vec_loss
 from .feature import Projection, feature_loss
 from .layer_map import all_average_map, explicit_map, last_map, uniform_map
 from .nce import TeacherQueue, gather_rows, token_nce
-from .relational import relational_kl
+from .relational import listwise_kl, relational_kl
 from .response import kd_kl, kd_kl_topk, logits_mse, soft_cross_entropy
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "explicit_map",
     "feature_loss",
     "gather_rows",
+    "listwise_kl",
     "relational_kl",
     "kd_kl",
     "kd_kl_topk",

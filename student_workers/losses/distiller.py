@@ -27,6 +27,7 @@ from student_workers.losses import (
     feature_loss,
     gather_rows,
     masked_mean_pool,
+    listwise_kl,
     relational_kl,
     token_nce,
 )
@@ -282,8 +283,9 @@ class Distiller(nn.Module):
             teacher = target_like(need_target(targets, key), v.hidden[-1][:, 0])  # (B, D_t): pooled by the teacher
         else:
             teacher = masked_mean_pool(target_like(need_target(targets, key), v.hidden[-1]), v.mask)  # (B, D_t)
-        if self.cfg.embedding_loss == "relational":  # the student's own embedding, no projection
-            return relational_kl(masked_mean_pool(v.hidden[-1], v.mask), teacher, self.cfg.embedding_tau)  # (B, D_s)
+        if self.cfg.embedding_loss in ("relational", "listwise"):  # the student's own embedding, no projection
+            loss = relational_kl if self.cfg.embedding_loss == "relational" else listwise_kl
+            return loss(masked_mean_pool(v.hidden[-1], v.mask), teacher, self.cfg.embedding_tau)  # (B, D_s)
         student = masked_mean_pool(self.emb_proj[m](v.hidden[-1]), v.mask)  # (B, D_t)
         return feature_loss(student, teacher, self.cfg.embedding_kind)
 

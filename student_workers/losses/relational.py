@@ -39,3 +39,26 @@ def relational_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float = 0.0
     log_p_s = F.log_softmax(neighbour_logits(student, tau), dim=-1)  # (B, B-1)
     log_p_t = F.log_softmax(neighbour_logits(teacher.detach(), tau), dim=-1)  # (B, B-1)
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
+
+
+def listwise_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
+    """``mean_i KL(p^t_i || p^s_i)``, ``p_i = softmax_j(cos(q_i, a_j) / tau)``: each query's distribution over the
+    batch's answers, for a batch of (query, answer) pairs side by side (rows 0, 2, 4... queries, 1, 3, 5... their
+    answers, as ``wordnet_pairs`` batches are).
+
+    The relational KL restricted to what retrieval ranks: queries against candidates, not queries against
+    queries. It is the in-batch listwise distillation of dense retrievers (RocketQAv2, Ren et al., EMNLP 2021;
+    TAS-B, Hofstaetter et al., SIGIR 2021, with the teacher's scores as soft labels). student: (B, D_s); teacher:
+    (B, D_t), B even and >= 4 (two pairs)."""
+    if student.dim() != 2 or teacher.dim() != 2 or student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"listwise_kl: (B, D_s) and (B, D_t) with one B; got {tuple(student.shape)} and "
+                         f"{tuple(teacher.shape)}")
+    if student.shape[0] < 4 or student.shape[0] % 2:
+        raise ValueError(f"listwise_kl: a batch of {student.shape[0]} rows is not (query, answer) pairs (needs an "
+                         "even B >= 4)")
+
+    def log_p(x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(upcast(x), dim=-1)
+        return F.log_softmax(x[0::2] @ x[1::2].T / tau, dim=-1)  # (B/2, B/2): query i over answers j
+
+    return F.kl_div(log_p(student), log_p(teacher.detach()), log_target=True, reduction="batchmean")

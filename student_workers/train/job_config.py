@@ -152,10 +152,11 @@ class TermsSection(Strict):
         0.0, ge=0, description="Weight of the pooled-embedding loss: masked mean of the last block, student (projected) "
         "vs teacher, what a sentence encoder is used through.")
     embedding_kind: str = Field("cosine", description="Distance of the embedding loss (registry kind feature_distance).")
-    embedding_loss: Literal["pointwise", "relational"] = Field(
+    embedding_loss: Literal["pointwise", "relational", "listwise"] = Field(
         "pointwise", description="pointwise: embedding_kind between the student's embedding, projected to the teacher's "
         "width, and the teacher's; relational: KL between their in-batch neighbour distributions (no projection; "
-        "docs/methods.md#relational-embedding-loss).")
+        "docs/methods.md#relational-embedding-loss); listwise: the same over each query's answers only (pair "
+        "datasets: wordnet_pairs).")
     embedding_tau: float = Field(0.05, gt=0, description="Temperature of the relational embedding loss's similarities.")
     embedding_target: Literal["tokens", "pooled"] = Field(
         "tokens", description="What the embedding loss asks the teacher for: tokens (its last block, pooled over the "
@@ -232,7 +233,7 @@ class DataSection(Strict):
                          "image_folder...")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Dataset arguments (e.g. path, size).")
     batch_size: int = Field(32, ge=1, description="Dataset items per worker per step (a wordnet_pairs item is two "
-                            "texts, a definition and its headword).")
+                            "texts, a definition and its headword; with group_size g, 2g texts).")
     max_length: int = Field(32, ge=2, description="Text: tokens per sentence (teacher's tokenizer).")
     tokenizer: str = Field("minilm", description="Text: the TEACHER's tokenizer (minilm, mpnet or a local HF dir); "
                            "with teacher_text or teacher_tokenizer, the student's.")
@@ -315,6 +316,14 @@ class JobConfig(Strict):
         if d.embedding_weight > 0 and d.embedding_target != "pooled":
             raise ValueError("data.teacher_text: distill.embedding_target must be pooled (the teacher's own sentence "
                              "embedding); tokens would pool the teacher's tokens with the student's mask")
+        return self
+
+    @model_validator(mode="after")
+    def _listwise_pairs(self) -> "JobConfig":
+        """listwise reads a batch as (query, answer) rows side by side: only a pair dataset makes them."""
+        if self.distill.embedding_loss == "listwise" and self.data.dataset != "wordnet_pairs" and self.distill.embedding_weight:
+            raise ValueError(f"distill.embedding_loss listwise: needs (query, answer) pairs side by side in a batch "
+                             f"(data.dataset wordnet_pairs), not data.dataset {self.data.dataset!r}")
         return self
 
     @model_validator(mode="after")

@@ -131,3 +131,19 @@ def test_progress_counts_the_teacher_targets_each_step_used(tmp_path):
     p.line(3, 1e-3, 0.0)
     assert p.last["teacher_targets_per_step"] == pytest.approx((3 + 1 + 0) / 3)
     assert p.last["teacher_values_per_sample"] == pytest.approx((5 * 8 + 3 * 5 * 5 + 4 + 4) / 3)
+
+
+def test_progress_speed_counts_the_rows_the_student_saw(tmp_path, monkeypatch):
+    """samples/s counts texts, not dataset items: a batch of one hard group of 16 pairs is 32 texts."""
+    from types import SimpleNamespace
+
+    from student_workers.train import progress
+
+    cfg = SimpleNamespace(data=SimpleNamespace(batch_size=1), run=SimpleNamespace(name="t"), train=SimpleNamespace(steps=2))
+    clock = iter([0.0, 4.0, 4.0])  # the interval opens at 0 s and closes at 4 s, where the next opens
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    p = progress.Progress(cfg, rank=1, world=2, start=0, tensorboard_dir=tmp_path)
+    p.add(torch.tensor(1.0), {}, {}, rows=32)
+    p.add(torch.tensor(1.0), {}, {})  # no rows given: data.batch_size
+    p.line(2, 1e-3, 0.0)
+    assert p.last["samples_per_s"] == pytest.approx((32 + 1) * 2 / 4.0)

@@ -88,8 +88,8 @@ def start_worker(config: dict[str, Any]) -> Worker:
     return w
 
 
-def train_step(w: Worker, model, plan: ArmPlan, pre, step: int, device) -> tuple[torch.Tensor, dict, dict]:
-    """One optimizer step on the next batch; (total loss, its terms, the teacher targets it used)."""
+def train_step(w: Worker, model, plan: ArmPlan, pre, step: int, device) -> tuple[torch.Tensor, dict, dict, int]:
+    """One optimizer step on the next batch; (total loss, its terms, the teacher targets it used, its rows)."""
     batch, targets = next(pre)
     for g in w.opt.param_groups:
         g["lr"] = lr_at(step, w.cfg)
@@ -101,7 +101,7 @@ def train_step(w: Worker, model, plan: ArmPlan, pre, step: int, device) -> tuple
     if w.cfg.train.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), w.cfg.train.grad_clip)
     w.opt.step()
-    return total, terms, targets
+    return total, terms, targets, len(next(iter(inputs.values())))
 
 
 def train(config: dict[str, Any]) -> None:
@@ -123,13 +123,13 @@ def train(config: dict[str, Any]) -> None:
         for step in range(w.start, cfg.train.steps):
             if drill is not None:
                 drill.maybe_fail(w.rank, step)
-            total, terms, targets = train_step(w, model, plan, pre, step, device)
+            total, terms, targets, rows = train_step(w, model, plan, pre, step, device)
             done = step + 1
             record = plan.end_step(step, terms)
             if record and w.rank == 0:
                 log_round(optima_log(run_dir), record, done_step=done)
                 round_scalars(progress.writer, record, done)
-            progress.add(total, terms, targets)
+            progress.add(total, terms, targets, rows)
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 progress.line(done, lr_at(step, cfg), pre.total_wait_s)
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:

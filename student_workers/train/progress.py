@@ -48,10 +48,13 @@ class Progress:
 
     def _restart(self, total_wait_s: float) -> None:
         self.t0, self.wait0, self.steps, self.sums, self.counts = time.perf_counter(), total_wait_s, 0, {}, {}
+        self.rows = 0
 
-    def add(self, total, terms: dict, targets=None) -> None:
-        """One step's loss, its terms and the teacher targets it used (``targets``: name -> (B, ...))."""
+    def add(self, total, terms: dict, targets=None, rows: int | None = None) -> None:
+        """One step's loss, its terms and the teacher targets it used (``targets``: name -> (B, ...)); ``rows``:
+        the samples the student saw (a pair item is two texts, a hard group 2g), ``data.batch_size`` if not given."""
         self.steps += 1
+        self.rows += self.cfg.data.batch_size if rows is None else rows
         got = {f"{k}.{n}": t for k, v in (targets or {}).items()
                for n, t in (v.items() if isinstance(v, dict) else [("", v)])}  # several teachers: {teacher: targets}
         self.requested["steps"] += 1
@@ -67,7 +70,7 @@ class Progress:
         waited = total_wait_s - self.wait0
         metrics = {k: v / self.counts[k] for k, v in self.sums.items()}
         metrics.update(step=done, lr=lr, resumed_from=self.start,
-                       samples_per_s=self.steps * self.cfg.data.batch_size * self.world / elapsed,
+                       samples_per_s=self.rows * self.world / elapsed,
                        teacher_wait_s=waited,
                        teacher_targets_per_step=self.requested["targets"] / self.requested["steps"],  # run average
                        teacher_values_per_sample=self.requested["values"] / self.requested["steps"])

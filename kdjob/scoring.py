@@ -83,7 +83,7 @@ def loss_scales(cfg, address, info, batches: int = 2) -> dict[str, dict[str, flo
                 distiller.cfg = only
                 total, _ = distiller(inputs, targets, batch_labels(batch))
                 grads = torch.autograd.grad(total, params, allow_unused=True)
-                sums[g]["value"] += float(total) / batches
+                sums[g]["value"] += float(total.detach()) / batches
                 sums[g]["grad_norm"] += float(torch.sqrt(sum((x.float() ** 2).sum() for x in grads if x is not None))) / batches
             distiller.cfg = full
     return sums

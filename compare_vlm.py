@@ -35,7 +35,9 @@ import argparse
 import sys
 
 from kdjob.compare import Comparison, compare
+from kdjob.teacher import check_port_free
 from kdjob.variants import VARIANTS, parse_seeds, resolve_student_checkpoint, split_config, variants
+from kdserve.errors import one_line
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,14 +72,23 @@ def main(argv=None) -> int:
         if args.then:
             second = load(JobConfig, args.then, args.set + args.then_set)
             then = {(n, s): c for n, s, c in variants(split_config(second, args.split), seeds, names, split)}
+        if not cfg.teacher.address:  # before Ray starts: a port another teacher holds is a one-line error
+            check_port_free(cfg.teacher.host, cfg.teacher.grpc_port)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for _, _, c in runs:
         resolve_student_checkpoint(c)
     command = "python compare_vlm.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    return compare(Comparison(cfg, runs, seeds, args.split, command, resume=args.resume, then=then),
-                   measure_scales=not args.no_scales)
+    try:
+        return compare(Comparison(cfg, runs, seeds, args.split, command, resume=args.resume, then=then),
+                       measure_scales=not args.no_scales)
+    except ConfigError as e:  # found once the cluster is up (the port taken meanwhile, a teacher's placement)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # the teacher unreachable, Serve failing to start
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -107,3 +107,20 @@ def test_emoji_validation_split_is_carved_from_train_only():
     assert 0.1 < len(tv["val"]) / len(keys["train"]) < 0.35 and keys["train"] | keys["held_out"] == keys["all"]
     with pytest.raises(ValueError, match="val_fraction"):
         build_dataset("emoji", split="val")
+
+
+def test_a_teacher_port_in_use_is_one_line_before_ray_starts(capsys, monkeypatch):
+    import socket
+
+    import compare_vlm
+
+    monkeypatch.setattr(compare_vlm, "compare", lambda *a, **k: pytest.fail("a cluster was started"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        rc = compare_vlm.main(["--config", "configs/optima_coca.yaml", "--seeds", "0", "--no-scales",
+                               "--set", f"teacher.grpc_port={port}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: teacher.grpc_port: port {port} on 127.0.0.1 is in use")

@@ -58,3 +58,10 @@ def test_grouped_pairs_are_the_ungrouped_pairs_with_lexically_closer_batches():
     ours = mean_pair_sim([[it[i] for i in range(0, 32, 2)] for it in items])
     file_order = mean_pair_sim([[d for d, _ in pairs[k:k + 16]] for k in range(0, 2048, 16)])
     assert ours > 2 * file_order  # measured: about 3x at 4,096 pairs
+
+
+@unit
+@pytest.mark.parametrize("size", [1, 65])
+def test_a_bad_group_size_is_refused_naming_the_field(size):
+    with pytest.raises(ValueError, match=rf"wordnet_pairs: group_size must be between 2 and the 64 pairs, got {size}"):
+        wordnet_pairs(held_out_fraction=0.10, max_pairs=64, group_size=size)

@@ -4,6 +4,7 @@ short distillation whose targets come from Triton."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
@@ -388,6 +389,8 @@ def test_a_lost_stub_or_server_is_restarted_and_the_client_rides_it_out(tmp_path
             assert torch.allclose(client.get_targets(x, spec)["logits"], ref, atol=1e-5)
             stubs = server.stubs()
             assert len(stubs) == 1
+            regions = shm_regions(server)
+            assert regions  # the backend's regions carry this server's own prefix
             stubs[0].send_signal(signal.SIGKILL)
             assert torch.allclose(client.get_targets(x, spec)["logits"], ref, atol=1e-5)
             assert server.up.wait(300)  # the supervisor saw it ready (its poll may trail the request)
@@ -399,7 +402,13 @@ def test_a_lost_stub_or_server_is_restarted_and_the_client_rides_it_out(tmp_path
             assert torch.allclose(client.get_targets(x, spec)["logits"], ref, atol=1e-5)
             assert server.restarts > first and server.grpc_port == port
             assert not any(p.is_running() and p.status() != "zombie" for p in orphans)  # the old stubs went too
+            assert not regions & shm_regions(server)  # the killed servers' regions were unlinked
         finally:
             client.close()
         assert not server.stopped.is_set()
     assert server.stopped.is_set() and server.process.poll() is not None
+    assert not shm_regions(server)  # nothing left in /dev/shm (RAM) once it is stopped
+
+
+def shm_regions(server) -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob(server.shm_prefix + "*")}

@@ -160,6 +160,9 @@ def wordnet_pairs(
     if group_size is not None:
         from student_workers.data.hard_batches import neighbour_groups
 
+        if not 2 <= group_size <= len(pairs):
+            raise ValueError(f"wordnet_pairs: group_size must be between 2 and the {len(pairs)} pairs, got {group_size}")
+
         groups = neighbour_groups([d for d, _ in pairs], group_size)
         return PairDataset([tuple(t for i in g for t in pairs[i]) for g in groups])
     return PairDataset(pairs)

@@ -17,6 +17,7 @@ The official Triton image needs none of this: run its ``tritonserver`` on the re
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -110,6 +112,7 @@ class TritonServer:
     restarts: int = 0  # times the supervisor started it again (see run_tritonserver)
     up: threading.Event = field(default_factory=threading.Event)  # set while it answers (cleared during a restart)
     stopped: threading.Event = field(default_factory=threading.Event)  # set when it is down for good
+    shm_prefix: str = ""  # its Python backend's /dev/shm regions start with this (shm-region-prefix-name)
 
     def address(self, model: str = "", host: str = "127.0.0.1") -> str:
         """``triton://host:grpc_port/<model>`` (the first model of the repository by default)."""
@@ -125,6 +128,19 @@ class TritonServer:
         """Block until the server is down for good (stopped, or out of restarts); its exit code."""
         self.stopped.wait()
         return self.process.wait()
+
+    def remove_shm(self) -> list[str]:
+        """Unlink the shared-memory regions this server's Python backend left (a killed server or stub
+        never unlinks its 1 MiB+ region, and /dev/shm is RAM); the names removed. Only call it while
+        the server is down: a live stub maps its region."""
+        if not self.shm_prefix:
+            return []
+        gone = []
+        for f in Path(SHM_DIR).glob(glob.escape(self.shm_prefix) + "*"):
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+                gone.append(f.name)
+        return gone
 
     def stubs(self) -> list[psutil.Process]:
         """The Python backend's stub processes (one per model instance), children of the server."""
@@ -191,6 +207,7 @@ def stop(process: subprocess.Popen, grace: float = 20.0) -> None:
         process.wait(timeout=10)
 
 
+SHM_DIR = "/dev/shm"  # where POSIX shared memory (shm_open) lives on Linux
 STUB_TIMEOUT_S = 120  # seconds; see run_tritonserver
 
 
@@ -226,6 +243,7 @@ def supervise(server: TritonServer, launch, restarts: int, timeout: float, stopp
             log.warning("tritonserver: %s; restarting it (%d of %d); log: %s", why, server.restarts, restarts,
                         server.log_path)
             stop(server.process, grace=5.0)
+            server.remove_shm()
             if stopping.is_set():
                 return
             server.process = launch()
@@ -273,6 +291,7 @@ def run_tritonserver(
         raise FileNotFoundError(f"{repo} holds no model (no */config.pbtxt); write one with python -m teacher_server.triton")
     root = pytriton_dir()
     grpc_port, http_port, metrics_port = (p or free_port() for p in (grpc_port, http_port, metrics_port))
+    shm_prefix = f"kdserve_triton_{uuid.uuid4().hex[:12]}_"
     with tempfile.TemporaryDirectory(prefix="kdserve-triton-") as tmp:
         backends = prepare_backends(Path(tmp) / "backends", root)
         log_path = Path(log_dir or tmp) / "tritonserver.log"
@@ -288,6 +307,9 @@ def run_tritonserver(
             # this time (default 30 s): a stub merely starved of CPU on a saturated node (seen at a
             # load average of 14-18 on 2 cores) must not be killed with the requests it holds
             f"--backend-config=python,stub-timeout-seconds={STUB_TIMEOUT_S}",
+            # a name of its own for this server's shared-memory regions: several servers on a node do not
+            # collide, and what a killed server leaves is found and removed (remove_shm)
+            f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
             *extra_args,
         ]
         log_path.write_bytes(b"")
@@ -300,7 +322,7 @@ def run_tritonserver(
                     start_new_session=True,
                 )
 
-        server = TritonServer(launch(), grpc_port, http_port, metrics_port, log_path, models)
+        server = TritonServer(launch(), grpc_port, http_port, metrics_port, log_path, models, shm_prefix=shm_prefix)
         stopping = threading.Event()
         watcher = threading.Thread(target=supervise, args=(server, launch, restarts, timeout, stopping),
                                    name="tritonserver-supervisor", daemon=True)
@@ -314,6 +336,7 @@ def run_tritonserver(
             if watcher.is_alive():
                 watcher.join()
             stop(server.process)
+            server.remove_shm()
             server.stopped.set()
 
 

@@ -15,10 +15,14 @@ def teacher_infos(cfg) -> dict:
     from kdjob.teacher import describe
     from teacher_server.validate import describe_config
 
+    from kdjob.targets import store_info
+
     infos = {}
     for name, t in cfg.all_teachers().items():
         where = field(cfg, name)
-        if t.address:
+        if t.reads_store_only:  # the store's manifest describes its teacher; none is contacted
+            infos[name] = store_info(cfg, t, where)
+        elif t.address:
             try:
                 infos[name] = describe(t.address, cfg, t)
             except ValueError as e:  # an address no transport takes (scheme, path, TLS options)
@@ -45,8 +49,25 @@ def check_several(cfg):
     if local:
         shared_token(cfg, local)
     texts = check_terms(cfg, infos)
-    check_student_side(cfg, infos[cfg.teacher_name], infos, texts)
+    distiller = check_student_side(cfg, infos[cfg.teacher_name], infos, texts)
+    check_stores(cfg, infos, distiller)
     return infos[cfg.teacher_name]
+
+
+def check_stores(cfg, infos: dict, distiller) -> None:
+    """Each teacher's store against that teacher and the spec its loss terms request (ConfigError naming
+    ``teachers.<name>.store``); a store read in place of a teacher cannot replay augmented views here."""
+    from kdjob.targets import check_store
+    from student_workers.train.batches import replays_views
+
+    for name, t in cfg.all_teachers().items():
+        if t.store is None:
+            continue
+        where = field(cfg, name)
+        if t.reads_store_only and replays_views(cfg):
+            raise ConfigError(f"{where}.store_mode: read replays one store's augmented views, which several teachers "
+                              "cannot share; use read_through (the store answers what it holds)")
+        check_store(cfg, infos[name], distiller.heads[name].target_spec(t.target_dtype), t, where)
 
 
 def shared_token(cfg, local: dict) -> str:
@@ -69,7 +90,7 @@ def deploy_teachers(cfg) -> dict[str, str]:
     from kdjob.teacher import check_port_free, deploy_local, quiet_serve
 
     local = local_teachers(cfg)
-    addresses = {n: t.address for n, t in cfg.all_teachers().items() if t.address}
+    addresses = {n: t.address or t.store for n, t in cfg.all_teachers().items() if t.address or t.reads_store_only}
     if local:
         first = next(iter(local.values()))
         quiet_serve()
@@ -87,9 +108,16 @@ def several_teachers(cfg, run_dir):
     """(default teacher's address, its TeacherInfo, {name: address}), every teacher deployed and described."""
     from kdjob.teacher import describe
 
+    from kdjob.targets import store_info
+
     addresses = deploy_teachers(cfg)
     infos = {}
     for name, t in cfg.all_teachers().items():
+        if t.reads_store_only:
+            infos[name] = store_info(cfg, t, field(cfg, name))
+            print(f"teacher {name}: {infos[name].model_name} from store {t.store} (mode read, no teacher; "
+                  f"fingerprint {infos[name].fingerprint})", flush=True)
+            continue
         infos[name] = describe(addresses[name], cfg, t)
         print(f"teacher {name}: {infos[name].model_name} at {addresses[name]} (fingerprint "
               f"{infos[name].fingerprint})", flush=True)

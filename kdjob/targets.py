@@ -5,20 +5,22 @@ from __future__ import annotations
 from kdserve.errors import one_line
 
 
-def store_info(cfg):
+def store_info(cfg, section=None, where: str = "teacher"):
     """The teacher's Describe as the store's manifest keeps it; ConfigError (one line naming
-    ``teacher.store``) when there is no store or it does not describe its teacher."""
+    ``<where>.store``) when there is no store or it does not describe its teacher. ``section``: the
+    teacher whose store it is (default ``teacher:``), ``where`` its config path."""
     from kdserve.config import ConfigError
     from kdserve.store import StoreError
     from student_workers.train.store import info_from_manifest, read_manifest
 
+    t = section or cfg.teacher
     try:
-        return info_from_manifest(read_manifest(cfg), cfg.teacher.store)
+        return info_from_manifest(read_manifest(cfg, t), t.store)
     except (StoreError, OSError, ValueError) as e:
-        raise ConfigError(f"teacher.store: {one_line(e)}") from None
+        raise ConfigError(f"{where}.store: {one_line(e)}") from None
 
 
-def check_store(cfg, info, spec) -> None:
+def check_store(cfg, info, spec, section=None, where: str = "teacher") -> None:
     """``StoreMismatch`` as a ConfigError when ``teacher.store`` exists and holds another teacher's or
     spec's targets. Without a fingerprint (the embedded teacher before it is loaded) only the spec
     is compared; the workers compare both when they open the store."""
@@ -27,19 +29,20 @@ def check_store(cfg, info, spec) -> None:
     from kdserve.store.manifest import Manifest
     from student_workers.train.store import read_manifest
 
-    if cfg.teacher.store is None:
+    t = section or cfg.teacher
+    if t.store is None:
         return
     try:
-        stored = read_manifest(cfg)
+        stored = read_manifest(cfg, t)
     except StoreMissing:
         return  # read_through / write create it
     except (StoreError, OSError, ValueError) as e:
-        raise ConfigError(f"teacher.store: {one_line(e)}") from None
+        raise ConfigError(f"{where}.store: {one_line(e)}") from None
     wanted = Manifest(info.fingerprint or stored.fingerprint, spec_repr(spec))
     try:
-        stored.check(wanted, cfg.teacher.store)
+        stored.check(wanted, t.store)
     except StoreError as e:
-        raise ConfigError(f"teacher.store: {one_line(e)}") from None
+        raise ConfigError(f"{where}.store: {one_line(e)}") from None
 
 
 def check_views(cfg) -> None:

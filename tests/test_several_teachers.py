@@ -70,10 +70,17 @@ def test_a_further_teachers_terms_default_to_zero_and_name_it():
     ({"teachers__b__address": "grpc://127.0.0.1:9202/b"}, "teachers.b.address: grpc://127.0.0.1:9202/b is on the "
                                                           "port (9202, and 9203 for HTTP)"),
     ({"distill__optima": {"enabled": True}}, "distill.optima.enabled: not with several teachers"),
-    ({"teachers__b__store": "/tmp/s"}, "teachers.b.store: not with several teachers"),
 ])
 def test_config_errors_name_the_field(over, field):
     assert field in error(two(**over))
+
+
+def test_each_teacher_may_have_its_own_store_and_one_read_in_place_is_not_deployed():
+    from student_workers.train.several import local_teachers
+
+    cfg = build(JobConfig, two(teachers__b__store="/tmp/s", teachers__b__store_mode="read", teacher__store="/tmp/t"))
+    assert cfg.teachers["b"].reads_store_only and not cfg.teacher.reads_store_only
+    assert list(local_teachers(cfg)) == ["a"]
 
 
 def test_a_local_teacher_may_repeat_the_shared_port_and_an_address_may_use_another():

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdserve.config import build
+from kdserve.config import ConfigError, build
 from kdserve.store import spec_repr, text_keys
 from kdserve.teacher_config import TeacherConfig
+from kdserve.v1 import teacher_pb2 as pb
 from student_workers.losses.distiller import Distiller
 from student_workers.models.build import build_student
 from student_workers.train.job_config import DistillSection, JobConfig
@@ -142,6 +143,33 @@ def test_precompute_texts_once_then_any_seed_reads_them(tmp_path):
     for i, text in enumerate(got_batch["texts"]):  # the teacher on this text alone (no padding)
         alone = for_spec(spec)({"texts": [text]}).result()
         torch.testing.assert_close(got["pooled.text.6"][i], alone["pooled.text.6"][0], rtol=1e-4, atol=1e-5)
+
+    # the same store as the second teacher of a two-teacher job: read in place of that teacher
+    two = build(JobConfig, {
+        "teacher": {"name": "a", "local": {"model": "minilm"}},
+        "teachers": {"b": {"local": {"model": "minilm"}, "store": str(tmp_path / "store"), "store_mode": "read"}},
+        "student": cfg.student.model_dump(), "data": {**cfg.data.model_dump(), "teacher_text": False},
+        "distill": {"feature_weight": 0.0, "embedding_weight": 1.0, "teachers": {"b": {"embedding_weight": 1.0}}},
+    })
+    from kdjob.several import teacher_infos
+    from kdjob.targets import check_store
+    from student_workers.train.several import local_teachers
+    from student_workers.train.teacher import Targets
+
+    assert list(local_teachers(two)) == ["a"]  # b is not deployed
+    assert teacher_infos(two)["b"].fingerprint == info.fingerprint  # from the store's manifest, no teacher asked
+    b = Targets.open(two, None, None, two.teachers["b"])
+    b.texts = True
+    try:
+        from_b = b.source(spec, True).submit(got_batch, spec).result()
+    finally:
+        b.close()
+    assert b.client is None and b.info.fingerprint == info.fingerprint
+    torch.testing.assert_close(from_b["pooled.text.6"], got["pooled.text.6"])
+
+    with pytest.raises(ConfigError, match=r"^teachers\.b\.store: ") as e:  # another spec than the store holds
+        check_store(two, info, pb.TargetSpec(logits=True), two.teachers["b"], "teachers.b")
+    assert len(str(e.value).splitlines()) == 1
 
 
 @unit

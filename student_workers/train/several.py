@@ -57,13 +57,10 @@ def check_teachers(cfg) -> None:
 
 
 def _check_features(cfg) -> None:
-    """What several teachers do not combine with (yet): OPTIMA's per-round spec, target stores."""
+    """What several teachers do not combine with (yet): OPTIMA's per-round spec. (A store read in place of
+    a teacher on augmented images is refused on the driver: kdjob.several.check_stores.)"""
     if cfg.distill.optima.enabled:
         raise ValueError("distill.optima.enabled: not with several teachers (the bandit plays one teacher's modules)")
-    for name, t in cfg.all_teachers().items():
-        if t.store is not None:
-            where = "teacher" if t is cfg.teacher else f"teachers.{name}"
-            raise ValueError(f"{where}.store: not with several teachers (a store holds one teacher's targets)")
 
 
 def field(cfg, name: str) -> str:
@@ -72,8 +69,9 @@ def field(cfg, name: str) -> str:
 
 
 def local_teachers(cfg) -> dict:
-    """{name: section} of the teachers the job deploys itself (no address), in config order."""
-    return {n: t for n, t in cfg.all_teachers().items() if t.address is None}
+    """{name: section} of the teachers the job deploys itself (no address, and not read from a store in
+    place of a teacher), in config order."""
+    return {n: t for n, t in cfg.all_teachers().items() if t.address is None and not t.reads_store_only}
 
 
 def serve_endpoint(cfg) -> tuple[str, int] | None:

@@ -54,11 +54,12 @@ def info_from_manifest(manifest: Manifest, uri: str) -> pb.TeacherInfo:
     return info
 
 
-def read_manifest(cfg) -> Manifest:
-    """The manifest of ``teacher.store`` (``StoreMissing`` if there is none), without listing its shards."""
+def read_manifest(cfg, section=None) -> Manifest:
+    """The manifest of ``teacher.store`` (or of ``section``'s, a teacher of several), ``StoreMissing`` if
+    there is none, without listing its shards."""
     from kdserve.store import StoreMissing
 
-    t = cfg.teacher
+    t = section or cfg.teacher
     loc = Location(t.store, t.store_options or None)
     try:
         data = loc.read(loc.path(MANIFEST))
@@ -68,9 +69,10 @@ def read_manifest(cfg) -> Manifest:
     return Manifest.from_json(data, f"{t.store}/{MANIFEST}")
 
 
-def open_job_store(cfg, info: pb.TeacherInfo, spec: pb.TargetSpec, mode: str | None = None, **kwargs) -> TargetStore:
-    """``teacher.store`` opened for this job's teacher and spec (``StoreMismatch`` for another's)."""
-    t = cfg.teacher
+def open_job_store(cfg, info: pb.TeacherInfo, spec: pb.TargetSpec, mode: str | None = None, section=None,
+                   **kwargs) -> TargetStore:
+    """``teacher.store`` (or ``section``'s) opened for that teacher and spec (``StoreMismatch`` for another's)."""
+    t = section or cfg.teacher
     mode = mode or t.store_mode
     manifest = Manifest(info.fingerprint, spec_repr(spec), dataset_of(cfg), teacher=info_to_manifest(info))
     return TargetStore.open(t.store, mode, manifest=manifest, storage_options=t.store_options or None,

@@ -52,17 +52,18 @@ class Targets:
 
     def __init__(self, cfg: JobConfig, info, client: SyncTeacherClient | None, name: str, section=None):
         self.cfg, self.info, self.client, self.name = cfg, info, client, name
-        self.t = section or cfg.teacher  # this teacher's section (a store is `teacher:`'s only)
+        self.t = section or cfg.teacher  # this teacher's section (its address, prefetch, store)
         self.submitter = None  # StoreSubmitter when the job has a store
         self.views = None  # the store whose views the job trains on (read mode, augmented images)
         self.texts = False  # sent the raw texts (set by JobTeachers: its tokenizer is not data.tokenizer's)
 
     @classmethod
     def open(cls, cfg: JobConfig, address: str | None, auth_ref=None, section=None) -> "Targets":
-        if cfg.teacher.reads_store_only:
+        t = section or cfg.teacher
+        if t.reads_store_only:
             from student_workers.train.store import info_from_manifest, read_manifest
 
-            return cls(cfg, info_from_manifest(read_manifest(cfg), cfg.teacher.store), None, cfg.teacher.store)
+            return cls(cfg, info_from_manifest(read_manifest(cfg, t), t.store), None, t.store, section)
         client = teacher_client(cfg, address, cfg.run.name, section, **job_token(cfg, auth_ref, section))
         return cls(cfg, client.describe(), client, address, section)
 
@@ -80,8 +81,8 @@ class Targets:
         from student_workers.train.batches import replays_views
         from student_workers.train.store import StoreSubmitter, open_job_store
 
-        t = self.cfg.teacher
-        store = open_job_store(self.cfg, self.info, spec)
+        t = self.t
+        store = open_job_store(self.cfg, self.info, spec, section=t)
         if t.store_mode == "read" and replays_views(self.cfg):  # the batches carry their targets
             from student_workers.train.stored_views import BatchTargets, check_views
 

@@ -209,3 +209,22 @@ def test_format_table_lists_every_row():
     lines = format_table(rows).splitlines()
     assert len(lines) == 4 and lines[2].startswith("a ") and "1,000" in lines[2] and "0.500" in lines[2]
     assert lines[3].startswith("bb")
+
+
+def test_cli_starts_from_the_runs_evaluate_section(tmp_path):
+    """The run's saved evaluate section sizes the CLI's evaluation (as distill_job.py's end-of-run one),
+    and --set overrides it field by field."""
+    from student_workers.eval.evaluate import main
+
+    write_run(tmp_path / "run", {"kind": "hf_text", "init_from": "minilm", "num_layers": 1, "init_layers": [6]})
+    path = tmp_path / "run" / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"]["kwargs"] = {"held_out_fraction": 0.10}  # trained at 0.10, scored at the section's 0.05
+    cfg["evaluate"] = {"num_candidates": 50, "max_queries": 20, "probe_train": 80, "probe_test": 40,
+                       "finetune_steps": 0, "held_out_fraction": 0.05}
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["--run", str(tmp_path / "run"), "--rows", "distilled", "--set", "max_queries=25"]) == 0
+    out = json.loads((tmp_path / "run" / "eval_distilled.json").read_text())
+    assert out["tasks"]["reverse_dictionary"] == {"queries": 25, "candidates": 50}
+    assert out["tasks"]["held_out_fraction"] == 0.05  # the section's, not the data's default
+    assert out["config"]["probe_train"] == 80 and out["config"]["finetune_steps"] == 0

@@ -3,7 +3,8 @@
 - :func:`agreement`: student vs teacher on held-out data (how closely the student reproduces the
   teacher's targets through the distillation heads), used during ``distill_job.py``.
 - The CLI: downstream scores of the student a user keeps (docs/methods.md#downstream-evaluation), teacher vs
-  distilled vs no-KD twin vs random init, written to ``<run dir>/eval.json``::
+  distilled vs no-KD twin vs random init, written to ``<run dir>/eval.json``; sized by the run's own
+  ``evaluate`` section (as ``distill_job.py`` scored it), each ``--set`` over it::
 
       python -m student_workers.eval.evaluate --run runs/quickstart
       python -m student_workers.eval.evaluate --run runs/quickstart --set probe_train=20000 --set probe_test=5000
@@ -76,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows", default="teacher,distilled,twin,random",
                    help="which rows, comma-separated (a part writes eval_<rows>[_<split>].json, not eval.json)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="DownstreamConfig override, e.g. num_candidates=5000, finetune_steps=0")
+                   help="override of the run's evaluate section (DownstreamConfig), e.g. finetune_steps=0")
     return p.parse_args(argv)
 
 
@@ -85,9 +86,16 @@ def main(argv=None) -> int:
     from student_workers.eval.downstream.config import DownstreamConfig
     from student_workers.eval.downstream.report import evaluate_run, format_table
 
+    from student_workers.train.run_dir import read_config
+
     args = parse_args(argv)
+    try:  # the run's own evaluate section (what distill_job.py scored with), then --set
+        section = read_config(args.run).get("evaluate") or {}
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     try:  # apply_overrides raises ConfigError too
-        cfg = build(DownstreamConfig, apply_overrides({}, args.set), "--set")
+        cfg = build(DownstreamConfig, apply_overrides(section, args.set), "--set")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -207,3 +207,38 @@ def test_relational_embedding_term_is_the_neighbour_kl_of_the_students_own_embed
     assert terms["emb.text"].item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
     total.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.student.parameters())
+
+
+def test_relational_bank_grows_by_each_training_batch_and_joins_the_neighbours(teacher, info):
+    """embedding_bank_size: a training step enqueues the batch's pooled student and teacher embeddings
+    (detached) after computing the loss; the next step's term is relational_kl against those banks; an
+    eval-mode forward leaves the bank alone; the bank is in the state dict (checkpoints carry it)."""
+    from student_workers.losses import masked_mean_pool, relational_kl
+
+    d = make(info, embedding_weight=1.0, feature_weight=0.0, embedding_loss="relational", embedding_tau=0.1,
+             embedding_bank_size=8)
+    x1, x2 = batch(3, b=5), batch(4, b=5)
+    t1 = targets_for(teacher, info, d.target_spec(), x1)
+    t2 = targets_for(teacher, info, d.target_spec(), x2)
+    _, terms1 = d(x1, t1)
+    assert len(d.emb_banks["text"]) == 5
+    # the first step had an empty bank: the batch alone
+    pool = lambda out, x: masked_mean_pool(out.hidden[-1], x["attention_mask"]).detach()  # noqa: E731
+    tpool = lambda t, x: masked_mean_pool(t["hidden.text.4"].float(), x["attention_mask"])  # noqa: E731
+    s1_before = pool(d.student(x1), x1)
+    assert terms1["emb.text"].item() == pytest.approx(relational_kl(s1_before, tpool(t1, x1), 0.1).item(), rel=1e-5)
+    _, terms2 = d(x2, t2)
+    expected = relational_kl(pool(d.student(x2), x2), tpool(t2, x2), 0.1, s1_before, tpool(t1, x1))
+    assert terms2["emb.text"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert len(d.emb_banks["text"]) == 8  # 10 texts into 8 slots
+    d.eval()
+    d(x1, t1)
+    assert len(d.emb_banks["text"]) == 8 and int(d.emb_banks["text"].student.ptr) == 2
+    assert {"emb_banks.text.student.queue", "emb_banks.text.teacher.queue"} <= set(d.state_dict())
+
+
+def test_a_bank_is_for_the_relational_loss_only():
+    from kdserve.config import ConfigError
+
+    with pytest.raises(ConfigError, match="embedding_bank_size"):
+        build(DistillSection, {"embedding_weight": 1.0, "embedding_loss": "listwise", "embedding_bank_size": 16})

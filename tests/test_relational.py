@@ -77,3 +77,60 @@ def test_listwise_refuses_a_batch_that_is_not_pairs():
     for b in (2, 5):
         with pytest.raises(ValueError, match="not \\(query, answer\\) pairs"):
             listwise_kl(torch.randn(b, 5), torch.randn(b, 7))
+
+
+def test_a_bank_adds_its_rows_as_neighbours_by_a_naive_loop():
+    """With banks, anchor i's neighbours are the other batch rows then the K bank rows: the teacher's
+    similarities against the teacher's bank, the student's against the student's, by loops over scalars."""
+    import math
+
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(4, 5, generator=g), torch.randn(4, 7, generator=g)
+    sb, tb = torch.randn(3, 5, generator=g), torch.randn(3, 7, generator=g)
+    tau = 0.2
+
+    def cos(a, b):
+        return float(a @ b / (a.norm() * b.norm()))
+
+    def dist(x, bank, i):
+        z = [math.exp(cos(x[i], x[j]) / tau) for j in range(4) if j != i]
+        z += [math.exp(cos(x[i], bank[k]) / tau) for k in range(3)]
+        return [v / sum(z) for v in z]
+
+    expected = sum(sum(q * math.log(q / p) for p, q in zip(dist(s, sb, i), dist(t, tb, i))) for i in range(4)) / 4
+    assert relational_kl(s, t, tau, sb, tb).item() == pytest.approx(expected, rel=1e-5)
+    # an empty bank is the batch alone; the bank gets no gradient
+    assert relational_kl(s, t, tau, sb[:0], tb[:0]).item() == pytest.approx(relational_kl(s, t, tau).item(), rel=1e-6)
+    sb.requires_grad_(True)
+    s.requires_grad_(True)
+    relational_kl(s, t, tau, sb, tb).backward()
+    assert s.grad is not None and sb.grad is None
+
+
+def test_a_bank_is_refused_unaligned_or_alone():
+    s, t = torch.randn(4, 5), torch.randn(4, 7)
+    with pytest.raises(ValueError, match="one K"):
+        relational_kl(s, t, 0.1, torch.randn(3, 5), torch.randn(2, 7))
+    with pytest.raises(ValueError, match="one K"):
+        relational_kl(s, t, 0.1, torch.randn(3, 7), torch.randn(3, 5))  # swapped widths
+    with pytest.raises(ValueError, match="or neither"):
+        relational_kl(s, t, 0.1, torch.randn(3, 5), None)
+
+
+def test_neighbour_bank_keeps_the_last_k_texts_row_for_row_and_rides_in_its_state_dict():
+    from student_workers.losses import NeighbourBank
+
+    bank = NeighbourBank(2, 3, size=4)
+    for start in (0, 3):  # 6 texts into 4 slots: texts 2..5 stay
+        ids = torch.arange(start, start + 3, dtype=torch.float32)
+        bank.enqueue(ids[:, None].expand(3, 2), -ids[:, None].expand(3, 3))
+    assert len(bank) == 4
+    assert bank.student.ordered()[:, 0].tolist() == [2, 3, 4, 5]
+    assert bank.teacher.ordered()[:, 0].tolist() == [-2, -3, -4, -5]
+    s, t = bank.banks()
+    assert torch.equal(s[:, 0], -t[:, 0])  # row k of one bank is the text of row k of the other
+    other = NeighbourBank(2, 3, size=4)
+    other.load_state_dict(bank.state_dict())
+    assert torch.equal(other.student.ordered(), bank.student.ordered()) and len(other) == 4
+    with pytest.raises(ValueError, match="rows"):
+        bank.enqueue(torch.zeros(2, 2), torch.zeros(3, 3))

@@ -16,10 +16,11 @@ from .data2vec import data2vec_loss
 from .feature import Projection, feature_loss
 from .layer_map import all_average_map, explicit_map, last_map, uniform_map
 from .nce import TeacherQueue, gather_rows, token_nce
-from .relational import listwise_kl, relational_kl
+from .relational import NeighbourBank, listwise_kl, relational_kl
 from .response import kd_kl, kd_kl_topk, logits_mse, soft_cross_entropy
 
 __all__ = [
+    "NeighbourBank",
     "Projection",
     "TeacherQueue",
     "all_average_map",

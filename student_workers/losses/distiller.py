@@ -21,6 +21,7 @@ from torch import nn
 from kdserve import registry, wire
 from kdserve.v1 import teacher_pb2 as pb
 from student_workers.losses import (
+    NeighbourBank,
     Projection,
     TeacherQueue,
     data2vec_loss,
@@ -84,6 +85,7 @@ class Distiller(nn.Module):
         self.queues = nn.ModuleDict()
         self.d2v_proj = nn.ModuleDict()
         self.emb_proj = nn.ModuleDict()
+        self.emb_banks = nn.ModuleDict()
         # Attention terms only where both sides have attention maps (a CNN module has none).
         self.attention_modules = [m for m in self.modules_ if cfg.attention_weight > 0
                                   and self.student_modules[m][2] > 0 and self.teacher_info[m].num_heads > 0]
@@ -110,6 +112,8 @@ class Distiller(nn.Module):
                 self.d2v_proj[m] = Projection(d_s, t.hidden_size)
             if cfg.embedding_weight > 0 and cfg.embedding_loss == "pointwise":
                 self.emb_proj[m] = Projection(d_s, t.hidden_size)
+            if cfg.embedding_weight > 0 and cfg.embedding_bank_size:
+                self.emb_banks[m] = NeighbourBank(d_s, t.hidden_size, cfg.embedding_bank_size)
         if cfg.data2vec_weight > 0 and (cfg.feature_weight > 0 or cfg.nce_weight > 0 or cfg.embedding_weight > 0):
             raise ValueError(
                 "distill: data2vec_weight > 0 together with feature_weight, nce_weight or embedding_weight; one request carries "
@@ -256,7 +260,7 @@ class Distiller(nn.Module):
         if c.nce_weight > 0:
             out.append(("nce", c.nce_weight, self._nce(m, m, v, targets, enqueue)))
         if c.embedding_weight > 0:
-            out.append(("emb", c.embedding_weight, self._embedding(m, m, v, targets)))
+            out.append(("emb", c.embedding_weight, self._embedding(m, m, v, targets, enqueue)))
         if c.data2vec_weight > 0:
             out.append(("data2vec", c.data2vec_weight,
                         data2vec_loss(v.hidden, target_like(need_target(targets, f"data2vec.{m}"), v.hidden[-1]), eps=c.data2vec_eps,
@@ -272,20 +276,31 @@ class Distiller(nn.Module):
             terms.append(("task", c.task_weight, F.cross_entropy(out.logits.float(), labels.to(out.logits.device))))
         return terms
 
-    def _embedding(self, m, tm, v: ModuleView, targets):
+    def _embedding(self, m, tm, v: ModuleView, targets, enqueue: bool = False):
         """The embedding a sentence encoder is used through: the masked mean of the last block's
         tokens (sentence-transformers' pooling), student (projected) vs teacher, by the configured
         distance (cosine by default: retrieval compares directions), or ``embedding_loss`` relational:
-        their in-batch neighbour distributions. ``embedding_target`` pooled: the teacher pooled its own
-        tokens already (a (B, D_t) target)."""
+        their in-batch neighbour distributions (and the bank's, ``embedding_bank_size``, which a training
+        step then extends with this batch of every rank). ``embedding_target`` pooled: the teacher pooled
+        its own tokens already (a (B, D_t) target)."""
         key = f"{'pooled' if self.pooled else 'hidden'}.{tm}.{self.teacher_info[m].num_layers}"
         if self.pooled:
             teacher = target_like(need_target(targets, key), v.hidden[-1][:, 0])  # (B, D_t): pooled by the teacher
         else:
             teacher = masked_mean_pool(target_like(need_target(targets, key), v.hidden[-1]), v.mask)  # (B, D_t)
-        if self.cfg.embedding_loss in ("relational", "listwise"):  # the student's own embedding, no projection
-            loss = relational_kl if self.cfg.embedding_loss == "relational" else listwise_kl
-            return loss(masked_mean_pool(v.hidden[-1], v.mask), teacher, self.cfg.embedding_tau)  # (B, D_s)
+        if self.cfg.embedding_loss == "listwise":
+            return listwise_kl(masked_mean_pool(v.hidden[-1], v.mask), teacher, self.cfg.embedding_tau)
+        if self.cfg.embedding_loss == "relational":  # the student's own embedding, no projection
+            student = masked_mean_pool(v.hidden[-1], v.mask)  # (B, D_s)
+            if m not in self.emb_banks:
+                return relational_kl(student, teacher, self.cfg.embedding_tau)
+            bank = self.emb_banks[m]
+            s_bank, t_bank = bank.banks()
+            loss = relational_kl(student, teacher, self.cfg.embedding_tau, s_bank.to(student.device),
+                                 t_bank.to(student.device))
+            if enqueue and self.training:  # every rank's batch, so every rank holds the same bank (gather_rows)
+                bank.enqueue(gather_rows(student.detach().float()), gather_rows(teacher.detach().float()))
+            return loss
         student = masked_mean_pool(self.emb_proj[m](v.hidden[-1]), v.mask)  # (B, D_t)
         return feature_loss(student, teacher, self.cfg.embedding_kind)
 

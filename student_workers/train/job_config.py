@@ -158,6 +158,9 @@ class TermsSection(Strict):
         "docs/methods.md#relational-embedding-loss); listwise: the same over each query's answers only (pair "
         "datasets: wordnet_pairs).")
     embedding_tau: float = Field(0.05, gt=0, description="Temperature of the relational embedding loss's similarities.")
+    embedding_bank_size: int = Field(
+        0, ge=0, description="Relational loss only: the last K texts' embeddings (the student's, detached, and the "
+        "teacher's) kept as extra neighbours of every anchor (0: the batch alone; docs/methods.md#relational-embedding-loss).")
     embedding_target: Literal["tokens", "pooled"] = Field(
         "tokens", description="What the embedding loss asks the teacher for: tokens (its last block, pooled over the "
         "student's mask: same tokenizer only) or pooled (its own sentence embedding, hidden_reduction mean over its own "
@@ -179,6 +182,9 @@ class TermsSection(Strict):
         token_terms = {"feature_weight": self.feature_weight, "nce_weight": self.nce_weight,
                        "attention_weight": self.attention_weight, "data2vec_weight": self.data2vec_weight}
         on = [k for k, w in token_terms.items() if w > 0]
+        if self.embedding_bank_size and self.embedding_loss != "relational":
+            raise ValueError(f"distill.embedding_bank_size: a bank of neighbours is for embedding_loss relational, not "
+                             f"{self.embedding_loss}")
         if self.embedding_weight > 0 and self.embedding_target == "pooled" and on:
             raise ValueError(f"distill.embedding_target pooled: one request carries one hidden reduction (mean), so "
                              f"{on[0]} must be 0")

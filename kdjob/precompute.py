@@ -12,7 +12,8 @@ process (``teacher.local``, its ``TeacherEngine``) when ``teacher.address`` is e
 that served teacher. Keys the store holds already are skipped, so an interrupted run resumes where
 it stopped (the store commits a shard every ``--shard-mb``), and a sample seen in several epochs is
 computed once. The store's manifest keeps the teacher's Describe: a job in store mode ``read`` needs
-nothing else of the teacher.
+nothing else of the teacher. A job with several teachers fills one teacher's store per call
+(``--teacher mpnet``: ``teachers.mpnet.store``, with what the job asks mpnet for).
 """
 from __future__ import annotations
 
@@ -180,12 +181,17 @@ def progress(total: int, quiet: bool = False):
 
 
 def precompute(cfg, epochs: int | None = None, batch: int | None = None, shard_mb: float = 64,
-               quiet: bool = False) -> dict:
-    """Fill ``cfg.teacher.store`` with the targets of the job ``cfg`` (see the module docstring)."""
+               quiet: bool = False, teacher: str | None = None) -> dict:
+    """Fill ``cfg.teacher.store`` with the targets of the job ``cfg`` (see the module docstring). A job
+    with several teachers fills the store of ``teacher`` (default: ``teacher:``'s), with what the job
+    asks that teacher for (``kdjob.several.one_teacher``)."""
     from kdserve.config import ConfigError
+    from kdjob.several import one_teacher
     from student_workers.train.check import check_student_side
     from student_workers.train.store import open_job_store
 
+    if teacher is not None or cfg.teachers:
+        cfg = one_teacher(cfg, teacher or cfg.teacher_name)
     if not cfg.teacher.store:
         raise ConfigError("teacher.store: precompute fills a target store: name its URI (--set teacher.store=DIR)")
     info, for_spec = served_teacher(cfg) if cfg.teacher.address else in_process_teacher(cfg)
@@ -210,6 +216,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="N whole passes over each rank's shard instead of train.steps")
     p.add_argument("--batch", type=int, default=None, help="samples per forward (default: the teacher's max_batch_size)")
     p.add_argument("--shard-mb", type=float, default=64, help="commit a shard every this many MB (what a kill loses)")
+    p.add_argument("--teacher", default=None, help="a job with several teachers: whose store to fill (a name in "
+                   "teachers:, or teacher:'s; default teacher:'s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -224,7 +232,7 @@ def main(argv=None) -> int:
         if args.epochs is not None and args.epochs < 1:
             raise ConfigError("--epochs: at least 1")
         cfg = load(JobConfig, args.config, args.set)
-        out = precompute(cfg, args.epochs, args.batch, args.shard_mb, args.quiet)
+        out = precompute(cfg, args.epochs, args.batch, args.shard_mb, args.quiet, args.teacher)
     except (ConfigError, StoreError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

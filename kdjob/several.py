@@ -12,24 +12,57 @@ from student_workers.train.several import check_terms, field, local_teachers
 
 def teacher_infos(cfg) -> dict:
     """{name: TeacherInfo} of every teacher: Describe of a running one, or built from its local config."""
+    return {name: teacher_info(cfg, name, t) for name, t in cfg.all_teachers().items()}
+
+
+def teacher_info(cfg, name: str, t):
+    """Teacher ``name``'s TeacherInfo: from its store's manifest when the store stands in for it, the
+    Describe of its address, or built from its local config."""
     from kdjob.teacher import describe
     from teacher_server.validate import describe_config
 
     from kdjob.targets import store_info
 
-    infos = {}
-    for name, t in cfg.all_teachers().items():
-        where = field(cfg, name)
-        if t.reads_store_only:  # the store's manifest describes its teacher; none is contacted
-            infos[name] = store_info(cfg, t, where)
-        elif t.address:
-            try:
-                infos[name] = describe(t.address, cfg, t)
-            except ValueError as e:  # an address no transport takes (scheme, path, TLS options)
-                raise ConfigError(f"{where}.address: {one_line(e)}") from None
-        else:
-            infos[name] = describe_config(t.local, f"{where}.local")
-    return infos
+    where = field(cfg, name)
+    if t.reads_store_only:  # the store's manifest describes its teacher; none is contacted
+        return store_info(cfg, t, where)
+    if t.address:
+        try:
+            return describe(t.address, cfg, t)
+        except ValueError as e:  # an address no transport takes (scheme, path, TLS options)
+            raise ConfigError(f"{where}.address: {one_line(e)}") from None
+    return describe_config(t.local, f"{where}.local")
+
+
+def one_teacher(cfg, name: str):
+    """The job as teacher ``name`` alone sees it, a one-teacher JobConfig: that teacher as ``teacher:``,
+    its own loss terms as distill's (no task term), and the raw texts sent (``data.teacher_text``, its
+    pooled embedding) where it tokenizes with its own tokenizer. Its requests are the ones the
+    several-teacher job sends that teacher, so a store filled for it is the one the job reads
+    (``teachers.<name>.store``). ConfigError naming the field for an unknown name."""
+    from kdserve.config import build
+    from student_workers.train.job_config import JobConfig
+    from student_workers.train.several import data_tokenizer_fingerprint, sends_texts, translated_fingerprint
+
+    teachers = cfg.all_teachers()
+    if name not in teachers:
+        raise ConfigError(f"--teacher: {name!r} is not a teacher of this job (its teachers: {', '.join(teachers)})")
+    if not cfg.teachers:
+        return cfg
+    t = teachers[name]
+    if t.store is None:
+        raise ConfigError(f"{field(cfg, name)}.store: no target store to fill for teacher {name!r}: name its URI "
+                          f"(--set {field(cfg, name)}.store=DIR)")
+    probe = t.model_copy(update={"store_mode": "write"})  # its own teacher is described, not a store it may not have yet
+    info = teacher_info(cfg, name, probe)
+    texts = sends_texts(info, data_tokenizer_fingerprint(cfg), translated_fingerprint(cfg))
+    d = cfg.model_dump()
+    d["teacher"], d["teachers"] = {**t.model_dump(), "name": name}, {}
+    d["distill"] = {**cfg.distill.terms_of(name, cfg.teacher_name).model_dump(), "task_weight": 0.0, "teachers": {}}
+    if texts:
+        d["data"]["teacher_text"] = True
+        d["distill"]["embedding_target"] = "pooled"
+    return build(JobConfig, d, f"teacher {name!r} alone")
 
 
 def check_job(cfg):

@@ -172,6 +172,68 @@ def test_precompute_texts_once_then_any_seed_reads_them(tmp_path):
     assert len(str(e.value).splitlines()) == 1
 
 
+def tiny_tokenizer(path):
+    """A WordPiece tokenizer of its own (not MiniLM's): a teacher that tokenizes with MiniLM's is sent texts."""
+    from transformers import BertTokenizerFast
+
+    words = ["sentence", "about", "a", "and", "river", "teacher", "machine", "garden", "letter", "mountain",
+             "window", "song", *map(str, range(10))]
+    path.mkdir()
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(str(path))
+    return str(path)
+
+
+def test_precompute_fills_one_teacher_of_several_with_what_the_job_asks_it(tmp_path):
+    """kdserve-precompute --teacher b on a two-teacher job: b (MiniLM, another tokenizer than the student's)
+    is sent texts, so its store holds its pooled embedding by text; the job's own driver checks accept that
+    store in place of b, its reader finds every text of a batch, and each row is b's answer to that text alone."""
+    from kdjob.precompute import in_process_teacher, main, precompute
+    from kdjob.several import check_several, one_teacher
+    from student_workers.train.batches import batches, teacher_inputs
+    from student_workers.train.check import check_student_side
+    from student_workers.train.teacher import Targets
+
+    two = build(JobConfig, {
+        "teacher": {"name": "a", "local": {"model": "minilm"}},
+        "teachers": {"b": {"local": {"model": "minilm", "max_batch_size": 16}, "store": str(tmp_path / "store_b"),
+                           "store_mode": "read"}},
+        "student": {"kind": "hf_text", "name": "bert", "kwargs": {**STUDENT, "vocab_size": 32}},
+        "distill": {"feature_weight": 0.0, "embedding_weight": 1.0, "embedding_target": "pooled",
+                    "teachers": {"b": {"embedding_weight": 1.0, "embedding_loss": "relational"}}},
+        "data": {"dataset": "text_file", "kwargs": {"path": str(write_sentences(tmp_path / "s.txt", 40))},
+                 "tokenizer": tiny_tokenizer(tmp_path / "tok"), "batch_size": 5, "max_length": 16},
+        "train": {"steps": 2, "num_workers": 2, "seed": 0},
+    })
+    out = precompute(two, epochs=1, quiet=True, teacher="b")
+    assert out["keys_in_store"] == out["computed"] == 40  # every sentence once, keyed by its text
+    check_several(two)  # the job's driver: b's store holds the spec b's loss terms ask for
+    alone = one_teacher(two, "b")
+    assert alone.data.teacher_text and alone.distill.embedding_weight == 1.0 and not alone.teachers
+    info, for_spec = in_process_teacher(alone)
+    spec = check_student_side(alone, info).target_spec()
+    b = Targets.open(two, None, None, two.teachers["b"])
+    b.texts = True
+    batch = teacher_inputs(next(batches(two, 1, 2, keep_texts=True)), None, texts=True)
+    try:
+        sub = b.source(spec, True)
+        got = sub.submit(batch, spec).result()
+    finally:
+        b.close()
+    assert sub.hits == 5 and sub.misses == 0
+    for i, text in enumerate(batch["texts"]):
+        own = for_spec(spec)({"texts": [text]}).result()
+        torch.testing.assert_close(got["pooled.text.6"][i], own["pooled.text.6"][0], rtol=1e-4, atol=1e-5)
+
+    with pytest.raises(ConfigError, match=r"^--teacher: 'c' is not a teacher of this job \(its teachers: a, b\)$"):
+        precompute(two, teacher="c")
+    with pytest.raises(ConfigError, match=r"^teacher\.store: no target store to fill for teacher 'a'"):
+        precompute(two, teacher="a")
+    (tmp_path / "two.yaml").write_text("teachers: {b: {local: {model: minilm}}}\n"
+                                       "distill: {teachers: {b: {embedding_weight: 1.0}}}\n")
+    assert main(["--config", str(tmp_path / "two.yaml"), "--teacher", "b"]) == 2  # b has no store: one line
+
+
 @unit
 def test_max_sentences_is_a_fixed_subset_of_the_split(tmp_path):
     from student_workers.data.text import wordnet

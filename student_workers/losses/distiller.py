@@ -90,30 +90,7 @@ class Distiller(nn.Module):
         self.attention_modules = [m for m in self.modules_ if cfg.attention_weight > 0
                                   and self.student_modules[m][2] > 0 and self.teacher_info[m].num_heads > 0]
         for m in self.modules_:
-            l_s, d_s, h_s = self.student_modules[m]
-            t = self.teacher_info[m]
-            if cfg.feature_weight > 0 or cfg.attention_weight > 0:
-                try:
-                    self.pairs[m] = layer_map(cfg.layer_map, l_s, t.num_layers, cfg.layer_pairs or None)
-                except ValueError as e:
-                    raise ValueError(f"distill.layer_map for module {m!r} (teacher has {t.num_layers} blocks): {e}") from None
-            if cfg.feature_weight > 0:
-                for s, tl in self.pairs[m]:
-                    self.proj[f"{m}_{s}"] = Projection(self._student_width(m, s), teacher_width(t, tl))
-            if m in self.attention_modules and cfg.attention_kind == "per_head" and h_s != t.num_heads:
-                raise ValueError(
-                    f"distill.attention_kind=per_head needs equal head counts; module {m!r}: student {h_s}, "
-                    f"teacher {t.num_heads} (use attention_kind: head_mean)"
-                )
-            if cfg.nce_weight > 0:
-                self.nce_proj[m] = Projection(d_s, t.hidden_size, force=True)
-                self.queues[m] = TeacherQueue(t.hidden_size, cfg.nce_queue_size)
-            if cfg.data2vec_weight > 0:
-                self.d2v_proj[m] = Projection(d_s, t.hidden_size)
-            if cfg.embedding_weight > 0 and cfg.embedding_loss == "pointwise":
-                self.emb_proj[m] = Projection(d_s, t.hidden_size)
-            if cfg.embedding_weight > 0 and cfg.embedding_bank_size:
-                self.emb_banks[m] = NeighbourBank(d_s, t.hidden_size, cfg.embedding_bank_size)
+            self._add_heads(m, cfg)
         if cfg.data2vec_weight > 0 and (cfg.feature_weight > 0 or cfg.nce_weight > 0 or cfg.embedding_weight > 0):
             raise ValueError(
                 "distill: data2vec_weight > 0 together with feature_weight, nce_weight or embedding_weight; one request carries "
@@ -128,6 +105,33 @@ class Distiller(nn.Module):
         if not any((cfg.feature_weight, cfg.data2vec_weight, cfg.logits_weight, cfg.attention_weight,
                     cfg.nce_weight, cfg.embedding_weight, cfg.task_weight)):
             raise ValueError("distill: every weight is 0; nothing to train")
+
+    def _add_heads(self, m: str, cfg: DistillSection) -> None:
+        """Module ``m``'s layer pairs and the stateful pieces its terms need: projections, NCE queue, bank."""
+        l_s, d_s, h_s = self.student_modules[m]
+        t = self.teacher_info[m]
+        if cfg.feature_weight > 0 or cfg.attention_weight > 0:
+            try:
+                self.pairs[m] = layer_map(cfg.layer_map, l_s, t.num_layers, cfg.layer_pairs or None)
+            except ValueError as e:
+                raise ValueError(f"distill.layer_map for module {m!r} (teacher has {t.num_layers} blocks): {e}") from None
+        if cfg.feature_weight > 0:
+            for s, tl in self.pairs[m]:
+                self.proj[f"{m}_{s}"] = Projection(self._student_width(m, s), teacher_width(t, tl))
+        if m in self.attention_modules and cfg.attention_kind == "per_head" and h_s != t.num_heads:
+            raise ValueError(
+                f"distill.attention_kind=per_head needs equal head counts; module {m!r}: student {h_s}, "
+                f"teacher {t.num_heads} (use attention_kind: head_mean)"
+            )
+        if cfg.nce_weight > 0:
+            self.nce_proj[m] = Projection(d_s, t.hidden_size, force=True)
+            self.queues[m] = TeacherQueue(t.hidden_size, cfg.nce_queue_size)
+        if cfg.data2vec_weight > 0:
+            self.d2v_proj[m] = Projection(d_s, t.hidden_size)
+        if cfg.embedding_weight > 0 and cfg.embedding_loss == "pointwise":
+            self.emb_proj[m] = Projection(d_s, t.hidden_size)
+        if cfg.embedding_weight > 0 and cfg.embedding_bank_size:
+            self.emb_banks[m] = NeighbourBank(d_s, t.hidden_size, cfg.embedding_bank_size)
 
     def _student_width(self, m: str, block: int) -> int:
         """Width of the student's block ``block``: per-block for students whose stages differ

@@ -128,23 +128,19 @@ class TermsSection(Strict):
     feature_kind: str = Field("mse", description="Feature distance (registry kind feature_distance): mse, l1, cosine.")
     layer_map: str = Field(
         "uniform", description="Which student block regresses which teacher block (docs/methods.md#layer-maps): "
-        "uniform, last, explicit, all-average (registry kind layer_map)."
-    )
+        "uniform, last, explicit, all-average (registry kind layer_map).")
     layer_pairs: list[tuple[int, int]] = Field(
-        default_factory=list, description="explicit map: (student block, teacher block), 1-based."
-    )
+        default_factory=list, description="explicit map: (student block, teacher block), 1-based.")
     data2vec_weight: float = Field(
         0.0, ge=0, description="Weight of the Data2Vec target loss (docs/methods.md#data2vec-targets); the server "
-        "reduces the teacher's layers (data2vec_top_k)."
-    )
+        "reduces the teacher's layers (data2vec_top_k).")
     data2vec_eps: float = Field(1e-5, gt=0, description="eps of the Data2Vec instance/layer norms.")
     data2vec_top_k: int = Field(0, ge=0, description="Data2Vec: average the teacher's top K blocks (Baevski et al. "
                                 "2022 average the upper blocks, not all); 0: all of them.")
     logits_weight: float = Field(
         0.0, ge=0, description="Weight of KL(teacher || student) on logits (docs/methods.md#response-based-kd).")
     logits_loss: str = Field(
-        "kl", description="kl: T^2 KL (Hinton); soft_ce: CE with temperature (DistillVLM eq. 7); mse: raw logits."
-    )
+        "kl", description="kl: T^2 KL (Hinton); soft_ce: CE with temperature (DistillVLM eq. 7); mse: raw logits.")
     temperature: float = Field(2.0, gt=0, description="KD temperature T (the loss carries T^2).")
     logits_top_k: int = Field(0, ge=0, description="Request only the teacher's top-k logits (0: all).")
     task_weight: float = Field(0.0, ge=0, description="Weight of the hard-label task loss (CE on data labels).")
@@ -158,9 +154,8 @@ class TermsSection(Strict):
         "docs/methods.md#relational-embedding-loss); listwise: the same over each query's answers only (pair "
         "datasets: wordnet_pairs).")
     embedding_tau: float = Field(0.05, gt=0, description="Temperature of the relational embedding loss's similarities.")
-    embedding_bank_size: int = Field(
-        0, ge=0, description="Relational loss only: the last K texts' embeddings (the student's, detached, and the "
-        "teacher's) kept as extra neighbours of every anchor (0: the batch alone; docs/methods.md#relational-embedding-loss).")
+    embedding_bank_size: int = Field(0, ge=0, description="Relational loss only: the last K texts' embeddings (student's, "
+        "detached, and teacher's) added to every anchor's neighbours (0: the batch alone; methods.md#relational-embedding-loss).")
     embedding_target: Literal["tokens", "pooled"] = Field(
         "tokens", description="What the embedding loss asks the teacher for: tokens (its last block, pooled over the "
         "student's mask: same tokenizer only) or pooled (its own sentence embedding, hidden_reduction mean over its own "
@@ -168,8 +163,7 @@ class TermsSection(Strict):
     attention_weight: float = Field(
         0.0, ge=0, description="Weight of attention-map distillation (docs/methods.md#attention-maps).")
     attention_kind: str = Field(
-        "head_mean", description="per_head: DistillVLM last-layer MSE; head_mean: OPTIMA per mapped layer."
-    )
+        "head_mean", description="per_head: DistillVLM last-layer MSE; head_mean: OPTIMA per mapped layer.")
     nce_weight: float = Field(
         0.0, ge=0, description="Weight of token-wise NCE on the last layer (docs/methods.md#token-wise-nce).")
     nce_tau: float = Field(0.1, gt=0, description="NCE temperature.")

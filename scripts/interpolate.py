@@ -11,7 +11,7 @@ import sys
 
 from student_workers.data.tokenizer import load_tokenizer
 from student_workers.eval.downstream.config import DownstreamConfig
-from student_workers.eval.downstream.report import evaluate_models, format_table
+from student_workers.eval.downstream.report import evaluate_models, format_table, held_out_fraction
 from student_workers.models.from_run import initial_student, load_student
 from student_workers.train.run_dir import read_config
 
@@ -31,13 +31,18 @@ def main(run: str, split: str, alphas: str, out: str) -> None:
     init = initial_student(cfg).eval()
     models = {f"alpha={a}": interpolated(init, distilled, float(a)) for a in alphas.split(",")}
     tokenizer = load_tokenizer(cfg.get("data", {}).get("tokenizer", "minilm"))
-    held_out = float(cfg.get("evaluate", {}).get("held_out_fraction", 0.05))
-    rows, _ = evaluate_models(models, tokenizer, DownstreamConfig(finetune_steps=0, split=split, speed_samples=64),
-                              held_out)
+    downstream = DownstreamConfig(**{**(cfg.get("evaluate") or {}), "finetune_steps": 0, "split": split,
+                                     "speed_samples": 64})
+    rows, _ = evaluate_models(models, tokenizer, downstream, held_out_fraction(cfg, downstream))
     print(format_table(rows))
     with open(out, "w") as f:
         json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    if len(sys.argv) != 5 or sys.argv[2] not in ("validation", "test"):
+        sys.exit("usage: python scripts/interpolate.py RUN_DIR validation|test ALPHA[,ALPHA...] OUT.json")
+    try:
+        main(*sys.argv[1:5])
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        sys.exit(f"error: {str(e).splitlines()[0]}")

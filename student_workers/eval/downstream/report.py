@@ -99,7 +99,8 @@ def random_init_config(student: StudentConfig) -> StudentConfig:
         "name": student.init_from or student.name, "pretrained": False, "init_from": None, "init_layers": None})
 
 
-def _held_out_fraction(run_cfg: dict, cfg: DownstreamConfig) -> float:
+def held_out_fraction(run_cfg: dict, cfg: DownstreamConfig) -> float:
+    """The held-out rule a run is scored at: the evaluate section's, else the run's wordnet data's (0.05 by default)."""
     if cfg.held_out_fraction is not None:
         return cfg.held_out_fraction
     data = run_cfg.get("data", {})
@@ -162,7 +163,7 @@ def evaluate_run(run_dir: str | Path, cfg: DownstreamConfig | None = None, teach
     models = {name: m for name, m in models.items() if m is not None}
     data = run_cfg.get("data", {})  # with either, data.tokenizer is the student's, not the teacher's
     own = data.get("teacher_text") or data.get("teacher_tokenizer")
-    out_rows, info = evaluate_models(models, tokenizer, cfg, _held_out_fraction(run_cfg, cfg),
+    out_rows, info = evaluate_models(models, tokenizer, cfg, held_out_fraction(run_cfg, cfg),
                                      tokenizers={"teacher": load_tokenizer(teacher)} if own else None)
     if twin_is_random and "random" in rows and "twin" in rows:
         out_rows.append({**out_rows[-1], "model": "random init (= twin)"})
